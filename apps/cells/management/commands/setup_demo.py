@@ -1,0 +1,47 @@
+"""Everything `make run` needs for a populated app: the tree, demo images, demo users, default models."""
+
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth.models import Group, User
+from django.core.management import call_command
+from django.core.management.base import BaseCommand
+
+from apps.accounts.roles import CURATOR, LAB_STAFF
+from apps.cells.models import Dataset
+from apps.cells.services import import_cells, seed_cell_tree
+
+DEMO = Path(settings.BASE_DIR) / "demo"
+DEMO_USERS = (("curator", "curator-demo", CURATOR), ("labstaff", "labstaff-demo", LAB_STAFF))
+
+
+class Command(BaseCommand):
+    help = "Seed the tree, import the demo images, create demo users and register the shipped models."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--no-users", action="store_true", help="Do not create the demo users.")
+
+    def handle(self, *args, **options):
+        created, _ = seed_cell_tree()
+        self.stdout.write(f"Cell-type tree: {created} nodes created.")
+        if not Dataset.objects.filter(name="Demo PBC").exists():
+            report = import_cells(
+                DEMO / "pbc",
+                dataset="Demo PBC",
+                labels_csv=(DEMO / "pbc" / "labels.csv").read_bytes(),
+                label_map_csv=(DEMO / "pbc" / "label_map.csv").read_bytes(),
+                source_description="PBC (Acevedo et al. 2020), 10 images per label",
+                licence="CC BY 4.0",
+            )
+            self.stdout.write(report.summary().splitlines()[0])
+        if not options["no_users"]:
+            for username, password, group in DEMO_USERS:
+                if not User.objects.filter(username=username).exists():
+                    user = User.objects.create_user(username, password=password)
+                    user.groups.add(Group.objects.get(name=group))
+                    self.stdout.write(f"Demo user {username} / {password} ({group}).")
+        default_set = settings.MODELS_DIR / "default"
+        if (default_set / "set.json").exists():
+            call_command("register_models", str(default_set), activate=True, stdout=self.stdout)
+        else:
+            self.stdout.write(self.style.WARNING(f"No default model set at {default_set}."))

@@ -1,0 +1,177 @@
+"""Model files: safetensors weights with a JSON card beside them, and the timm model factory.
+
+Never a pickle: weights are safetensors, everything else is JSON. A model *set* is a folder with
+`set.json` and one `<NODE>.safetensors` + `<NODE>.json` per classified tree node.
+"""
+
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+SET_CARD = "set.json"
+
+
+class ModelFileError(RuntimeError):
+    """A weights file or card is missing, corrupt or does not match its architecture."""
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to rebuild, feed and judge one node classifier."""
+
+    architecture: str
+    node: str
+    classes: list[str]  # tree codes in output-index order
+    input_size: int
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    interpolation: str = "bilinear"
+    class_names: list[str] = field(default_factory=list)
+    resolves_to: dict[str, str] = field(default_factory=dict)  # class code -> deeper code it implies
+    threshold: float = 0.0  # below this top probability a cell stops at this node
+    mode: str = "scratch"
+    metrics: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    split_seed: int = 0
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    format: str = "hemoweb-node-1"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelCard":
+        known = {name for name in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def create_model(architecture: str, num_classes: int, pretrained_file: Path | None = None) -> torch.nn.Module:
+    """A timm model built from its definition; weights only ever from a local file."""
+    import timm
+
+    if not timm.is_model(architecture):
+        raise ModelFileError(f"Unknown architecture {architecture!r}: it is not a timm model name.")
+    if pretrained_file is None:
+        return timm.create_model(architecture, pretrained=False, num_classes=num_classes)
+    pretrained_file = Path(pretrained_file)
+    if not pretrained_file.is_file():
+        raise ModelFileError(f"Pretrained weights for {architecture} not found: expected the file {pretrained_file}.")
+    return timm.create_model(
+        architecture,
+        pretrained=True,
+        num_classes=num_classes,
+        pretrained_cfg_overlay={"file": str(pretrained_file), "num_classes": 0},
+    )
+
+
+def card_path_for(weights_path: Path) -> Path:
+    return Path(weights_path).with_suffix(".json")
+
+
+def save_model(model: torch.nn.Module, card: ModelCard, weights_path: Path) -> Path:
+    """Write weights (safetensors) and card (JSON) atomically; returns the weights path."""
+    weights_path = Path(weights_path)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
+    tmp_weights = weights_path.with_suffix(".safetensors.tmp")
+    save_file(state, str(tmp_weights), metadata={"node": card.node, "architecture": card.architecture})
+    write_json(card_path_for(weights_path), asdict(card))
+    os.replace(tmp_weights, weights_path)
+    return weights_path
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON through a temporary file so a reader never sees half a card."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def read_card(weights_path: Path) -> ModelCard:
+    card_path = card_path_for(weights_path)
+    if not card_path.is_file():
+        raise ModelFileError(f"The model card {card_path} is missing.")
+    try:
+        return ModelCard.from_dict(json.loads(card_path.read_text()))
+    except (json.JSONDecodeError, TypeError) as error:
+        raise ModelFileError(f"The model card {card_path} is not valid: {error}") from error
+
+
+def load_model(weights_path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelCard]:
+    """Rebuild a node classifier from its card and safetensors weights, in eval mode."""
+    weights_path = Path(weights_path)
+    card = read_card(weights_path)
+    if not weights_path.is_file():
+        raise ModelFileError(f"The weights file {weights_path} for node {card.node} is missing.")
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except Exception as error:  # safetensors raises several types for a damaged file
+        raise ModelFileError(f"The weights file {weights_path} is corrupt: {error}") from error
+    model = create_model(card.architecture, num_classes=len(card.classes))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ModelFileError(f"{weights_path} does not fit {card.architecture}: {error}") from error
+    return model.to(device).eval(), card
+
+
+_cache: dict[tuple[str, str], tuple[float, torch.nn.Module, ModelCard]] = {}
+_cache_lock = threading.Lock()
+
+
+def cached_model(weights_path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelCard]:
+    """load_model once per process, keyed by file and mtime (a retrained file is picked up)."""
+    weights_path = Path(weights_path).resolve()
+    key = (str(weights_path), str(device))
+    try:
+        mtime = weights_path.stat().st_mtime
+    except FileNotFoundError:
+        mtime = -1.0
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit and hit[0] == mtime:
+            return hit[1], hit[2]
+        model, card = load_model(weights_path, device)
+        _cache[key] = (mtime, model, card)
+        return model, card
+
+
+@dataclass
+class ModelSetCard:
+    """A folder of node classifiers that together classify down the whole tree."""
+
+    name: str
+    nodes: dict[str, str]  # node code -> weights file name inside the folder
+    architecture: str = ""
+    mode: str = ""
+    input_size: int = 0
+    metrics: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    format: str = "hemoweb-set-1"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSetCard":
+        known = {name for name in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def read_set(folder: Path) -> ModelSetCard:
+    path = Path(folder) / SET_CARD
+    if not path.is_file():
+        raise ModelFileError(f"{folder} is not a model set: {SET_CARD} is missing.")
+    try:
+        return ModelSetCard.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as error:
+        raise ModelFileError(f"{path} is not valid: {error}") from error
+
+
+def write_set(folder: Path, card: ModelSetCard) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / SET_CARD, asdict(card))
+    return folder / SET_CARD
