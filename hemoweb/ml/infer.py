@@ -1,0 +1,155 @@
+"""Hierarchical inference: every cell through ROOT, then each subset through the next node's classifier.
+
+Batched per node (never one image at a time); models come from the per-process cache. A cell whose
+top probability at a node is below that node's threshold stops there ("Myeloid, unresolved") and is
+flagged for review; blasts and the abnormal branch are always flagged.
+"""
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .preprocess import normalize, resize_uint8
+from .tree import CellTree
+from .weights import ModelCard, cached_model, read_set
+
+ALWAYS_FLAG = ("BLA", "ABN")  # codes whose cells (and descendants) always go to a human
+
+
+@dataclass
+class Step:
+    """At `node` the classifier chose `code` with `probability`."""
+
+    node: str
+    code: str
+    probability: float
+
+
+@dataclass
+class TreePrediction:
+    code: str  # the deepest code reached
+    path: list[Step] = field(default_factory=list)
+    resolved: bool = False  # reached a leaf of the tree (or the deepest node with data)
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.flags)
+
+    @property
+    def confidence(self) -> float:
+        """Probability of the whole path (product of the steps)."""
+        result = 1.0
+        for step in self.path:
+            result *= step.probability
+        return result
+
+    def as_dict(self) -> dict:
+        return {
+            "code": self.code,
+            "path": [{"node": s.node, "code": s.code, "probability": round(s.probability, 5)} for s in self.path],
+            "resolved": self.resolved,
+            "flags": self.flags,
+        }
+
+
+class TreeClassifier:
+    """The node classifiers of one model set, used together down the tree."""
+
+    def __init__(self, set_folder: Path, tree: CellTree, device: str | torch.device = "cpu",
+                 thresholds: dict[str, float] | None = None):
+        self.folder = Path(set_folder)
+        self.tree = tree
+        self.device = torch.device(device)
+        self.set_card = read_set(self.folder)
+        self.node_files = {node: self.folder / name for node, name in self.set_card.nodes.items()}
+        self._thresholds = thresholds or {}
+
+    def model(self, node: str) -> tuple[torch.nn.Module, ModelCard]:
+        return cached_model(self.node_files[node], self.device)
+
+    def threshold(self, node: str, card: ModelCard) -> float:
+        return self._thresholds.get(node, card.threshold)
+
+    def check(self) -> None:
+        """Load every node model now, so that a missing or damaged file fails before any work."""
+        for node in self.node_files:
+            self.model(node)
+
+    @torch.inference_mode()
+    def classify(self, images: Sequence[Image.Image], batch_size: int = 64) -> list[TreePrediction]:
+        """Predict a tree path for every image."""
+        predictions = [TreePrediction(code=self.tree.root) for _ in images]
+        pending = {self.tree.root: list(range(len(images)))} if self.tree.root in self.node_files else {}
+        resized: dict[int, dict[int, torch.Tensor]] = {}  # input size -> image index -> uint8 tensor
+        while pending:
+            node, indices = next(iter(pending.items()))
+            del pending[node]
+            model, card = self.model(node)
+            by_index = resized.setdefault(card.input_size, {})
+            for index in indices:
+                if index not in by_index:
+                    by_index[index] = resize_uint8(images[index], card.input_size, card.interpolation)
+            threshold = self.threshold(node, card)
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                batch = normalize(torch.stack([by_index[i] for i in chunk]).to(self.device), card.mean, card.std)
+                probabilities = self._forward(model, batch).softmax(dim=1).float().cpu()
+                best_p, best_i = probabilities.max(dim=1)
+                for index, p, i in zip(chunk, best_p.tolist(), best_i.tolist(), strict=True):
+                    code = card.classes[i]
+                    prediction = predictions[index]
+                    prediction.path.append(Step(node, code, p))
+                    if p < threshold:
+                        prediction.flags.append(f"unsure at {node}: {p:.2f} < {threshold:.2f}")
+                        continue
+                    code = card.resolves_to.get(code, code)
+                    prediction.code = code
+                    if code in self.node_files:
+                        pending.setdefault(code, []).append(index)
+        for prediction in predictions:
+            self._finish(prediction)
+        return predictions
+
+    def _forward(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return model(batch.contiguous(memory_format=torch.channels_last))
+        return model(batch)
+
+    def _finish(self, prediction: TreePrediction) -> None:
+        code = prediction.code
+        unsure = any(flag.startswith("unsure") for flag in prediction.flags)
+        prediction.resolved = not unsure and code in self.tree and (self.tree.is_leaf(code) or code not in self.node_files)
+        if code in self.tree:
+            for marker in ALWAYS_FLAG:
+                if marker in self.tree.path(code):
+                    prediction.flags.append(f"{marker} is always reviewed")
+
+
+_classifiers: dict[tuple, TreeClassifier] = {}
+_lock = threading.Lock()
+
+
+def tree_classifier(set_folder: Path, tree: CellTree, device: str = "cpu",
+                    thresholds: dict[str, float] | None = None) -> TreeClassifier:
+    """One TreeClassifier per (folder, tree, device, thresholds) in this process."""
+    key = (str(Path(set_folder).resolve()), tuple(sorted(tree.parents.items(), key=str)), str(device),
+           tuple(sorted((thresholds or {}).items())))
+    with _lock:
+        if key not in _classifiers:
+            _classifiers[key] = TreeClassifier(set_folder, tree, device, thresholds)
+        return _classifiers[key]
+
+
+def pick_device(requested: str = "auto") -> str:
+    """'auto' → cuda when present, else cpu; 'cuda' without a GPU is an error a user can read."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but no CUDA GPU is available on this machine.")
+    return requested
