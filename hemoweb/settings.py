@@ -56,6 +56,7 @@ MODELS_DIR = env_path("MODELS_DIR", BASE_DIR / "models")
 STATIC_URL = "/static/"
 STATIC_ROOT = env_path("STATIC_ROOT", BASE_DIR / "staticfiles")
 STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise looks here at start-up
 
 INSTALLED_APPS = [
     "apps.accounts.admin_site.HemowebAdminConfig",

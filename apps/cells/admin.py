@@ -2,7 +2,7 @@ from django.contrib import admin, messages
 from django.db.models import Count
 from django.shortcuts import redirect, render
 from django.urls import path
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from .forms import ImportForm, RelabelForm
 from .models import Cell, CellType, Dataset, LabelMapping, counts_per_node
@@ -12,36 +12,33 @@ from .services import ImportError_, import_cells, relabel_cells
 @admin.register(CellType)
 class CellTypeAdmin(admin.ModelAdmin):
     list_display = ["indented_name", "code", "parent", "order", "own_images", "images_with_descendants"]
-    list_editable = ["order"]
     search_fields = ["code", "name"]
     autocomplete_fields = ["parent"]
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("parent")
 
+    def get_changelist(self, request, **kwargs):
+        class TreeOrderedChangeList(super().get_changelist(request, **kwargs)):
+            """Rows depth-first, as the tree reads, whatever the column sort."""
+
+            def get_results(self, request):
+                super().get_results(request)
+                order = _tree_order()
+                self.result_list = sorted(self.result_list, key=lambda node: order.get(node.pk, 0))
+
+        return TreeOrderedChangeList
+
     def changelist_view(self, request, extra_context=None):
         self._counts = counts_per_node()
-        self._depth = {}
         parents = dict(CellType.objects.values_list("pk", "parent_id"))
+        self._depth = {}
         for pk in parents:
             depth, node = 0, parents[pk]
             while node is not None:
                 depth, node = depth + 1, parents[node]
             self._depth[pk] = depth
-        self._tree_order = _tree_order()
         return super().changelist_view(request, extra_context)
-
-    def get_changelist(self, request, **kwargs):
-        changelist = super().get_changelist(request, **kwargs)
-        admin_self = self
-
-        class TreeOrdered(changelist):
-            def get_results(self, request):
-                super().get_results(request)
-                order = getattr(admin_self, "_tree_order", {})
-                self.result_list = sorted(self.result_list, key=lambda node: order.get(node.pk, 0))
-
-        return TreeOrdered
 
     @admin.display(description="Cell type")
     def indented_name(self, node):
@@ -93,11 +90,11 @@ class DatasetAdmin(admin.ModelAdmin):
 
     @admin.display(description="Images per cell type")
     def counts_table(self, dataset):
-        rows = "".join(
-            format_html("<tr><td><code>{}</code> {}</td><td>{}</td></tr>", row["cell_type__code"], row["cell_type__name"], row["n"])
-            for row in dataset.counts_per_type()
+        rows = format_html_join(
+            "", "<tr><td><code>{}</code> {}</td><td>{}</td></tr>",
+            ((row["cell_type__code"], row["cell_type__name"], row["n"]) for row in dataset.counts_per_type()),
         )
-        return format_html("<table>{}</table>", format_html(rows)) if rows else "No images yet."
+        return format_html("<table>{}</table>", rows) if rows else "No images yet."
 
     def get_urls(self):
         return [path("import/", self.admin_site.admin_view(self.import_view), name="cells_dataset_import")] + super().get_urls()
