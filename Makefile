@@ -33,6 +33,7 @@ run: demo
 
 test: setup
 	./scripts/start-mariadb
+	./scripts/start-redis
 	$(MAKE) test-sqlite test-mysql
 
 test-sqlite:

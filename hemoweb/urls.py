@@ -3,19 +3,25 @@ from django.contrib import admin
 from django.contrib.auth.decorators import login_not_required
 from django.urls import include, path
 from django.views.static import serve
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from apps.cells import views as cell_views
+from apps.operations.views import healthz
 
 urlpatterns = [
     path("", cell_views.home, name="home"),
+    path("healthz", healthz, name="healthz"),
     path("accounts/", include("apps.accounts.urls")),
     path("admin/", admin.site.urls),
     path("", include("apps.cells.urls")),
     path("", include("apps.classifiers.urls")),
+    path("", include("apps.explain.urls")),
+    path("detection/", include("apps.detection.urls")),
+    path("analysis/", include("apps.analysis.urls")),
+    path("", include("apps.training.urls")),
     path("api/", include("hemoweb.api_urls")),
     path("api/schema/", login_not_required(SpectacularAPIView.as_view()), name="schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("api/docs/", SpectacularSwaggerSplitView.as_view(url_name="schema"), name="api-docs"),
     # Media are patient-adjacent images: served only to logged-in users (LoginRequiredMiddleware).
     path(f"{settings.MEDIA_URL.strip('/')}/<path:path>", serve, {"document_root": settings.MEDIA_ROOT}, name="media"),
 ]

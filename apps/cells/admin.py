@@ -3,6 +3,7 @@ from django.db.models import Count
 from django.shortcuts import redirect, render
 from django.urls import path
 from django.utils.html import format_html, format_html_join
+from simple_history.admin import SimpleHistoryAdmin
 
 from .forms import ImportForm, RelabelForm
 from .models import Cell, CellType, Dataset, LabelMapping, counts_per_node
@@ -10,7 +11,7 @@ from .services import ImportError_, import_cells, relabel_cells
 
 
 @admin.register(CellType)
-class CellTypeAdmin(admin.ModelAdmin):
+class CellTypeAdmin(SimpleHistoryAdmin):
     list_display = ["indented_name", "code", "parent", "order", "own_images", "images_with_descendants"]
     search_fields = ["code", "name"]
     autocomplete_fields = ["parent"]
@@ -74,7 +75,7 @@ class LabelMappingInline(admin.TabularInline):
 
 
 @admin.register(Dataset)
-class DatasetAdmin(admin.ModelAdmin):
+class DatasetAdmin(SimpleHistoryAdmin):
     list_display = ["name", "n_cells", "source", "licence", "created"]
     search_fields = ["name"]
     inlines = [LabelMappingInline]
@@ -124,7 +125,7 @@ class DatasetAdmin(admin.ModelAdmin):
 
 
 @admin.register(Cell)
-class CellAdmin(admin.ModelAdmin):
+class CellAdmin(SimpleHistoryAdmin):
     list_display = ["thumbnail", "id", "cell_type", "dataset", "split", "original_label", "width", "height"]
     list_filter = ["dataset", "split", ("cell_type", admin.RelatedOnlyFieldListFilter)]
     search_fields = ["original_name", "sha256", "patient_id", "slide_id"]
@@ -147,7 +148,8 @@ class CellAdmin(admin.ModelAdmin):
         if "apply" in request.POST:
             form = RelabelForm(request.POST)
             if form.is_valid():
-                changed = relabel_cells(list(queryset.values_list("pk", flat=True)), form.cleaned_data["cell_type"])
+                changed = relabel_cells(list(queryset.values_list("pk", flat=True)), form.cleaned_data["cell_type"],
+                                       user=request.user)
                 self.message_user(request, f"{changed} cells relabelled as {form.cleaned_data['cell_type'].code}.")
                 return None
         else:

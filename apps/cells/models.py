@@ -1,6 +1,7 @@
 """The cell-type tree, image datasets, their label mappings and the cell images."""
 
 from django.db import models
+from simple_history.models import HistoricalRecords
 from django.db.models import Count
 
 from hemoweb.ml.tree import CellTree
@@ -23,6 +24,7 @@ class CellType(models.Model):
     description = models.TextField(blank=True)
 
     objects = CellTypeQuerySet.as_manager()
+    history = HistoricalRecords()  # audit trail: who changed what, when
 
     class Meta:
         db_table = "CellTypes"
@@ -58,6 +60,7 @@ class Dataset(models.Model):
     licence = models.CharField(max_length=100, blank=True)
     description = models.TextField(blank=True)
     created = models.DateTimeField(auto_now_add=True)
+    history = HistoricalRecords()
 
     class Meta:
         db_table = "Datasets"
@@ -80,6 +83,7 @@ class LabelMapping(models.Model):
     dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="label_mappings")
     raw_label = models.CharField(max_length=100)
     cell_type = models.ForeignKey(CellType, on_delete=models.PROTECT, related_name="+")
+    history = HistoricalRecords()
 
     class Meta:
         db_table = "LabelMappings"
@@ -119,6 +123,7 @@ class Cell(models.Model):
     created = models.DateTimeField(auto_now_add=True)
 
     objects = CellQuerySet.as_manager()
+    history = HistoricalRecords()  # audit trail: who changed what, when
 
     class Meta:
         db_table = "Cells"

@@ -12,6 +12,7 @@ from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import transaction
+from simple_history.utils import bulk_update_with_history
 
 from hemoweb.ml.sources import BadImage, ImageSource, Limits, SourceError, check_image
 from hemoweb.ml.tree import DEFAULT_TREE
@@ -240,6 +241,12 @@ def _remove(names: list[str]) -> None:
 
 
 @transaction.atomic
-def relabel_cells(cell_ids: list[int], cell_type: CellType) -> int:
-    """Give the cells a new label; returns how many changed."""
-    return Cell.objects.filter(pk__in=cell_ids).exclude(cell_type=cell_type).update(cell_type=cell_type)
+def relabel_cells(cell_ids: list[int], cell_type: CellType, *, user=None) -> int:
+    """Give the cells a new label, recorded in their history; returns how many changed."""
+    cells = list(Cell.objects.filter(pk__in=cell_ids).exclude(cell_type=cell_type))
+    for cell in cells:
+        cell.cell_type = cell_type
+        cell._history_user = user
+    bulk_update_with_history(cells, Cell, ["cell_type"], batch_size=BATCH, default_user=user,
+                             default_change_reason="relabel")
+    return len(cells)

@@ -1,4 +1,5 @@
 from django.contrib import admin
+from simple_history.admin import SimpleHistoryAdmin
 
 from .models import ModelSet, ModelsToCellTypes, ModelsTypes, TrainedModel
 
@@ -16,7 +17,7 @@ class OutputInline(admin.TabularInline):
 
 
 @admin.register(TrainedModel)
-class TrainedModelAdmin(admin.ModelAdmin):
+class TrainedModelAdmin(SimpleHistoryAdmin):
     list_display = ["name", "node", "architecture", "model_set", "threshold", "status", "created"]
     list_filter = ["model_set", "architecture", "status"]
     list_select_related = ["node", "architecture", "model_set"]
@@ -34,7 +35,7 @@ class NodeModelInline(admin.TabularInline):
 
 
 @admin.register(ModelSet)
-class ModelSetAdmin(admin.ModelAdmin):
+class ModelSetAdmin(SimpleHistoryAdmin):
     list_display = ["name", "architecture", "mode", "input_size", "is_active", "status", "created"]
     readonly_fields = ["is_active", "card", "metrics", "created"]
     inlines = [NodeModelInline]

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import models, transaction
+from simple_history.models import HistoricalRecords
 
 from apps.cells.models import CellType
 
@@ -48,6 +49,7 @@ class ModelSet(models.Model):
     created = models.DateTimeField(auto_now_add=True)
 
     objects = ModelSetQuerySet.as_manager()
+    history = HistoricalRecords()
 
     class Meta:
         db_table = "ModelSets"
@@ -89,6 +91,7 @@ class TrainedModel(models.Model):
     card = models.JSONField(default=dict, blank=True)
     created = models.DateTimeField(auto_now_add=True)
     output_classes = models.ManyToManyField(CellType, through="ModelsToCellTypes", related_name="+")
+    history = HistoricalRecords()
 
     class Meta:
         db_table = "Models"

@@ -40,8 +40,9 @@ class Command(BaseCommand):
                     user = User.objects.create_user(username, password=password)
                     user.groups.add(Group.objects.get(name=group))
                     self.stdout.write(f"Demo user {username} / {password} ({group}).")
-        default_set = settings.MODELS_DIR / "default"
-        if (default_set / "set.json").exists():
-            call_command("register_models", str(default_set), activate=True, stdout=self.stdout)
-        else:
-            self.stdout.write(self.style.WARNING(f"No default model set at {default_set}."))
+        call_command("install_shipped_models", stdout=self.stdout)
+        # Detection: the demo smears as a detection dataset and the shipped detector, registered and active.
+        from apps.detection.services import setup_demo_detection
+
+        for line in setup_demo_detection(DEMO / "bccd"):
+            self.stdout.write(line)
