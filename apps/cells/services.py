@@ -177,13 +177,17 @@ def _import(source, dataset_name, labels_csv, label_map, types, limits, written,
             continue
         try:
             data = source.read(path)
-            info = check_image(data, limits.max_pixels)
         except BadImage as error:
             report.skipped.append((path, str(error)))
             continue
         digest = hashlib.sha256(data).hexdigest()
         if digest in seen or Cell.objects.filter(sha256=digest).exists():
             report.duplicates += 1
+            continue
+        try:
+            info = check_image(data, limits.max_pixels)
+        except BadImage as error:
+            report.skipped.append((path, str(error)))
             continue
         seen.add(digest)
         extension = {"JPEG": "jpg", "PNG": "png", "TIFF": "tif", "BMP": "bmp"}[info.format]
