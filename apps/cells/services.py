@@ -191,7 +191,7 @@ def _import(source, dataset_name, labels_csv, label_map, types, limits, written,
             continue
         seen.add(digest)
         extension = {"JPEG": "jpg", "PNG": "png", "TIFF": "tif", "BMP": "bmp"}[info.format]
-        name = default_storage.save(f"cells/{digest[:2]}/{digest}.{extension}", ContentFile(data))
+        name = store_file(f"cells/{digest[:2]}/{digest}.{extension}", data)
         written.append(name)
         pending.append(
             Cell(
@@ -216,6 +216,17 @@ def _import(source, dataset_name, labels_csv, label_map, types, limits, written,
     if progress:
         progress(len(entries), len(entries))
     return report
+
+
+def store_file(name: str, data: bytes) -> str:
+    """Save bytes to media storage; a full or read-only disk becomes an ImportError_ and leaves no partial file."""
+    existed = default_storage.exists(name)
+    try:
+        return default_storage.save(name, ContentFile(data))
+    except OSError as error:
+        if not existed:
+            _remove([name])
+        raise ImportError_(f"The image storage could not take {name}: {error.strerror or error}.") from error
 
 
 def _resolve_label(raw_label: str, label_map: dict[str, str], types: dict[str, CellType]) -> str | None:
