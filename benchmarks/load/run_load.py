@@ -1,0 +1,88 @@
+"""Load test: 50 lab-staff users against gunicorn + MariaDB on loopback while a training job runs.
+
+Run: .venv/bin/pip install -r benchmarks/requirements.txt && .venv/bin/python benchmarks/load/run_load.py
+Writes benchmarks/results/load.json (requests/s, p50/p99 latency per request kind, errors, hardware).
+"""
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from benchmarks.common import write_result  # noqa: E402
+
+PORT = 8798
+USERS = int(os.environ.get("USERS", 50))
+DURATION = os.environ.get("DURATION", "90s")
+DB_NAME = "hemoweb_load"
+ENV = {**os.environ, "DB": "mysql", "DB_NAME": DB_NAME, "DB_HOST": "127.0.0.1", "DB_USER": "root",
+       "MEDIA_ROOT": "/tmp/hemoweb-load/media", "VAR_DIR": "/tmp/hemoweb-load/var", "DEBUG": "0",
+       "SECRET_KEY": "load-test-only-" + "x" * 40, "ALLOWED_HOSTS": "127.0.0.1,localhost", "SECURE_SSL_REDIRECT": "0",
+       "API_THROTTLE_USER": "100000/min", "STATIC_ROOT": "/tmp/hemoweb-load/static", "OMP_NUM_THREADS": "1"}
+# DEBUG=0 marks cookies Secure; plain http on loopback needs them without the flag.
+ENV["SECURE_COOKIES"] = "0"
+
+
+def manage(*args: str) -> str:
+    return subprocess.run([sys.executable, "manage.py", *args], cwd=REPO, env=ENV, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def main() -> None:
+    subprocess.run(["mariadb", "-h127.0.0.1", "-uroot", "-e",
+                    f"DROP DATABASE IF EXISTS {DB_NAME}; CREATE DATABASE {DB_NAME} CHARACTER SET utf8mb4"], check=True)
+    manage("migrate", "--no-input")
+    manage("collectstatic", "--no-input", "-v", "0")
+    manage("setup_demo", "--no-users")
+    setup = manage("shell", "-c", (
+        "from django.contrib.auth.models import User, Group; from rest_framework.authtoken.models import Token\n"
+        "from apps.cells.models import Dataset\n"
+        "u = User.objects.filter(username='loadtest').first() or User.objects.create_user('loadtest', password='loadtest-pw')\n"
+        "u.groups.add(Group.objects.get(name='Curator'))\n"
+        "print(Token.objects.get_or_create(user=u)[0].key, Dataset.objects.get(name='Demo PBC').pk)"))
+    token, dataset_id = setup.strip().splitlines()[-1].split()
+    server = subprocess.Popen([str(REPO / ".venv/bin/gunicorn"), "hemoweb.wsgi:application", "-b", f"127.0.0.1:{PORT}",
+                               "-w", "4", "--threads", "4", "--timeout", "60"], cwd=REPO, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=REPO, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A training job in the background, as the issue asks (a real one, small, on the demo data).
+    trainer = subprocess.Popen([sys.executable, "manage.py", "train_tree", "--dataset", "Demo PBC", "--arch",
+                                "mobilenetv3_small_050", "--epochs", "50", "--image-size", "64", "--name", "load-test"],
+                               cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(6)
+    prefix = "/tmp/hemoweb-load/locust"
+    try:
+        subprocess.run([str(REPO / ".venv/bin/locust"), "-f", str(Path(__file__).with_name("locustfile.py")), "--headless",
+                        "-u", str(USERS), "-r", "10", "-t", DURATION, "--host", f"http://127.0.0.1:{PORT}",
+                        "--csv", prefix, "--only-summary"],
+                       env={**ENV, "HEMOWEB_TOKEN": token, "HEMOWEB_DATASET_ID": dataset_id}, check=False)
+        training_was_running = trainer.poll() is None
+    finally:
+        for process in (trainer, worker, server):
+            process.terminate()
+        for process in (trainer, worker, server):
+            process.wait()
+    rows = list(csv.DictReader(open(f"{prefix}_stats.csv")))
+    per_request = {
+        row["Name"]: {"requests": int(row["Request Count"]), "failures": int(row["Failure Count"]),
+                      "p50_ms": float(row["50%"]), "p99_ms": float(row["99%"]), "rps": round(float(row["Requests/s"]), 2)}
+        for row in rows if row["Name"] != "Aggregated"
+    }
+    total = next(row for row in rows if row["Name"] == "Aggregated")
+    reads = [v for k, v in per_request.items() if not k.startswith("api classify") and k not in ("login",)]
+    write_result("load", {
+        "users": USERS, "duration": DURATION, "training_job_running_throughout": training_was_running,
+        "requests_per_s": round(float(total["Requests/s"]), 2), "errors": int(total["Failure Count"]),
+        "p50_ms": float(total["50%"]), "p99_ms": float(total["99%"]),
+        "reads_p99_ms_max": max(v["p99_ms"] for v in reads) if reads else None,
+        "per_request": per_request,
+    })
+
+
+if __name__ == "__main__":
+    main()
