@@ -28,7 +28,8 @@ demo: setup
 
 run: demo
 	$(PY) manage.py qcluster & QCLUSTER=$$!; \
-	trap "kill $$QCLUSTER 2>/dev/null" EXIT INT TERM; \
+	Q_CLUSTER_NAME=hemoweb-training $(PY) manage.py qcluster & TRAINING=$$!; \
+	trap "kill $$QCLUSTER $$TRAINING 2>/dev/null" EXIT INT TERM; \
 	$(PY) manage.py runserver $(HOST):$(PORT)
 
 test: setup

@@ -73,13 +73,21 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_q",
+    "axes",
+    "simple_history",
     "apps.accounts",
     "apps.cells",
     "apps.classifiers",
+    "apps.operations",
+    "apps.analysis",
+    "apps.detection",
+    "apps.training",
+    "apps.explain",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "apps.operations.middleware.DatabaseUnavailableMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -89,6 +97,9 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     "apps.accounts.middleware.LoginRequiredMiddleware",
+    "csp.middleware.CSPMiddleware",
+    "simple_history.middleware.HistoryRequestMiddleware",
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "hemoweb.urls"
@@ -117,7 +128,9 @@ def database_config() -> dict:
     if url:
         parsed = urlparse(url)
         if parsed.scheme.startswith("sqlite"):
-            return {"ENGINE": "django.db.backends.sqlite3", "NAME": parsed.path.lstrip("/") or ":memory:"}
+            # sqlite:///relative/path or sqlite:////absolute/path
+            return {"ENGINE": "django.db.backends.sqlite3", "NAME": parsed.path[1:] or ":memory:",
+                    "OPTIONS": {"timeout": 30, "transaction_mode": "IMMEDIATE"}}
         if parsed.scheme not in {"mysql", "mariadb"}:
             raise RuntimeError(f"DATABASE_URL scheme {parsed.scheme!r} is not supported (use mysql:// or sqlite:///).")
         name, user, password = parsed.path.lstrip("/"), unquote(parsed.username or ""), unquote(parsed.password or "")
@@ -148,12 +161,42 @@ def database_config() -> dict:
 
 
 DATABASES = {"default": database_config()}
+# django-q2's Task model has a conditional index that MariaDB/MySQL ignore; nothing of ours relies on it.
+SILENCED_SYSTEM_CHECKS = ["models.W037"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
 ]
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",  # login throttling: locks a user+address after repeated failures
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = env_int("LOGIN_COOLOFF_MINUTES", 15) / 60  # hours
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "accounts/locked.html"
+AXES_IPWARE_PROXY_COUNT = env_int("PROXY_COUNT", 0)
+
+# Content-Security-Policy: everything from hemoweb itself; no inline scripts.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        # Inline style attributes (progress bar widths, box positions) are data, not code.
+        "style-src": ["'self'", "'unsafe-inline'"],
+        "img-src": ["'self'", "data:", "blob:"],
+        "connect-src": ["'self'"],
+        "font-src": ["'self'", "data:"],
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "frame-ancestors": ["'none'"],
+        "form-action": ["'self'"],
+    }
+}
+
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
@@ -182,6 +225,8 @@ HEMOWEB_ZIP_MAX_ENTRIES = env_int("ZIP_MAX_ENTRIES", 200_000)
 HEMOWEB_ZIP_MAX_UNCOMPRESSED = env_int("ZIP_MAX_UNCOMPRESSED", 4 * 1024**3)
 HEMOWEB_ZIP_MAX_RATIO = env_int("ZIP_MAX_RATIO", 200)
 HEMOWEB_ZIP_MAX_ENTRY_BYTES = env_int("ZIP_MAX_ENTRY_BYTES", 64 * 1024 * 1024)
+# Classification: uploads with more files than this run as a background job.
+HEMOWEB_CLASSIFY_SYNC_MAX = env_int("CLASSIFY_SYNC_MAX", 300)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -209,12 +254,24 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Several models have a Status; name each enum after its model in the schema.
+    "ENUM_NAME_OVERRIDES": {
+        "ModelSetStatusEnum": "apps.classifiers.models.ModelSet.Status",
+        "TrainedModelStatusEnum": "apps.classifiers.models.TrainedModel.Status",
+        "RunStatusEnum": "apps.analysis.models.ClassificationRun.Status",
+        "CountTargetEnum": "apps.analysis.models.ClassificationRun.TARGETS",
+        "DetectorTrainingStatusEnum": "apps.detection.models.DetectorTrainingJob.Status",
+        "ExplanationStatusEnum": "apps.explain.models.Explanation.Status",
+        "TrainingJobStatusEnum": "apps.training.models.TrainingJob.Status",
+    },
 }
 
 # Background work. ORM broker by default; Redis when several worker machines share a queue.
 Q_BROKER = env_str("Q_BROKER", "orm")
 Q_CLUSTER = {
-    "name": "hemoweb",
+    # The same for every cluster of this site: it salts the signed task packages. A worker picks its
+    # queue with the env var Q_CLUSTER_NAME (django-q2 ALT_CLUSTERS), never by changing this name.
+    "name": env_str("Q_SITE_NAME", "hemoweb"),
     "workers": env_int("Q_WORKERS", 2),
     "timeout": env_int("Q_TIMEOUT", 6 * 3600),
     "retry": env_int("Q_TIMEOUT", 6 * 3600) + 60,
@@ -230,12 +287,15 @@ else:
     Q_CLUSTER["orm"] = "default"
 # Training runs on its own queue so that short jobs never wait behind it.
 HEMOWEB_TRAINING_CLUSTER = env_str("TRAINING_CLUSTER", "hemoweb-training")
+# Its worker: `Q_CLUSTER_NAME=hemoweb-training python manage.py qcluster` (one worker: one job per GPU at a time).
+Q_CLUSTER["ALT_CLUSTERS"] = {HEMOWEB_TRAINING_CLUSTER: {"workers": env_int("TRAINING_WORKERS", 1)}}
+# A running job whose worker has not reported for this long is taken as lost (killed worker).
+HEMOWEB_TRAINING_STALE_SECONDS = env_int("TRAINING_STALE_SECONDS", 900)
 
 if not DEBUG:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
-    SESSION_COOKIE_SECURE = True
-    CSRF_COOKIE_SECURE = True
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("SECURE_COOKIES", True)
     SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = True
@@ -246,7 +306,7 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "loggers": {"django.db.backends": {"level": "WARNING"}, "axes": {"level": "WARNING"}},
 }
 
 # ultralytics and the model hubs: never reach the network.

@@ -150,3 +150,84 @@ def copy_demo(destination: Path, subfolder: str) -> Path:
     target = destination / subfolder
     shutil.copytree(DEMO / subfolder, target)
     return target
+
+
+# --- a tiny real model set (analysis; reusable by explain and detection) ---------------------------
+
+TINY_ARCH = "mobilenetv3_small_050"
+TINY_SIZE = 32
+
+
+def train_tiny_set(folder: Path, steps: int = 12) -> Path:
+    """Train one tiny timm classifier per tree node with data, on the 130 demo PBC images at 32 px.
+
+    A few full-batch steps: predictions are real (real weights, real images), not accurate.
+    """
+    import csv
+
+    import torch
+    from PIL import Image
+
+    from hemoweb.ml.preprocess import normalize, resize_uint8
+    from hemoweb.ml.tree import CellTree, node_examples, plan_nodes, resolve_single_path
+    from hemoweb.ml.weights import ModelCard, ModelSetCard, create_model, save_model, write_set
+
+    tree = CellTree.default()
+    with open(DEMO / "pbc" / "label_map.csv") as handle:
+        label_map = {row["label"]: row["cell_type_code"] for row in csv.DictReader(handle)}
+    with open(DEMO / "pbc" / "labels.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    labels = [label_map[row["label"]] for row in rows]
+    images = torch.stack([resize_uint8(Image.open(DEMO / "pbc" / row["path"]), TINY_SIZE) for row in rows])
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    torch.manual_seed(0)
+    nodes = {}
+    for plan in plan_nodes(tree, labels, min_images=5):
+        if not plan.trained:
+            continue
+        classes = list(plan.classes)
+        examples = node_examples(tree, labels, plan.node)
+        batch = normalize(images[[index for index, _ in examples]], mean, std)
+        target = torch.tensor([classes.index(child) for _, child in examples])
+        model = create_model(TINY_ARCH, len(classes))
+        optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(steps):
+            optimiser.zero_grad()
+            torch.nn.functional.cross_entropy(model(batch), target).backward()
+            optimiser.step()
+        with torch.no_grad():  # batch-norm statistics of the data itself, so eval mode predicts sensibly
+            for module in model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.reset_running_stats()
+                    module.momentum = None
+            model(batch)
+        model.eval()
+        resolves = {code: resolve_single_path(tree, labels, code) for code in classes}
+        card = ModelCard(architecture=TINY_ARCH, node=plan.node, classes=classes, input_size=TINY_SIZE, mean=mean,
+                         std=std, resolves_to={k: v for k, v in resolves.items() if v != k}, threshold=0.0,
+                         data={"dataset": "demo/pbc", "images": len(examples)})
+        save_model(model, card, folder / f"{plan.node}.safetensors")
+        nodes[plan.node] = f"{plan.node}.safetensors"
+    write_set(folder, ModelSetCard(name="tiny", nodes=nodes, architecture=TINY_ARCH, mode="scratch",
+                                   input_size=TINY_SIZE))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_set_folder(tmp_path_factory) -> Path:
+    """The trained tiny set, made once per test session (read-only: copy it before damaging it)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return train_tiny_set(tmp_path_factory.mktemp("tiny-set") / "tiny")
+
+
+@pytest.fixture
+def tiny_model_set(tree, tiny_set_folder, settings):
+    """A copy of the tiny set under this test's MODELS_DIR, registered and active (a ModelSet)."""
+    from apps.classifiers.services import register_model_set
+
+    folder = settings.MODELS_DIR / "tiny"
+    shutil.copytree(tiny_set_folder, folder)
+    return register_model_set(folder, name="tiny", activate=True)

@@ -39,12 +39,12 @@ def redis_env(tmp_path):
         "DATABASE_URL": f"sqlite:///{tmp_path / 'queue.sqlite3'}",
         "Q_BROKER": "redis", "REDIS_URL": "redis://127.0.0.1:6379/0",
         # A queue of its own, so that nothing else on this Redis takes or adds jobs.
-        "Q_CLUSTER_NAME": f"hemoweb-test-{uuid.uuid4().hex[:8]}",
+        "Q_SITE_NAME": f"hemoweb-test-{uuid.uuid4().hex[:8]}",
         "Q_WORKERS": "1", "VAR_DIR": str(tmp_path / "var"), "MEDIA_ROOT": str(tmp_path / "media"),
     })
     _manage("migrate", "--no-input", env=env)
     yield env
-    for key in client.scan_iter(f"django_q:{env['Q_CLUSTER_NAME']}*"):
+    for key in client.scan_iter(f"django_q:{env['Q_SITE_NAME']}*"):
         client.delete(key)
 
 
@@ -57,7 +57,7 @@ def test_two_workers_share_one_redis_queue_and_run_each_job_once(redis_env, tmp_
     try:
         # Both clusters announce themselves in Redis once they are up.
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and len(list(_redis().scan_iter(f"django_q:{redis_env['Q_CLUSTER_NAME']}:cluster*"))) < 2:
+        while time.monotonic() < deadline and len(list(_redis().scan_iter(f"django_q:{redis_env['Q_SITE_NAME']}:cluster*"))) < 2:
             time.sleep(0.5)
         _manage("shell", "-c", (
             "from django_q.tasks import async_task\n"

@@ -81,8 +81,8 @@ class TreeClassifier:
             self.model(node)
 
     @torch.inference_mode()
-    def classify(self, images: Sequence[Image.Image], batch_size: int = 64) -> list[TreePrediction]:
-        """Predict a tree path for every image."""
+    def classify(self, images: Sequence[Image.Image | torch.Tensor], batch_size: int = 64) -> list[TreePrediction]:
+        """Predict a tree path for every image (PIL, or uint8 (3, S, S) tensors already at the input size)."""
         predictions = [TreePrediction(code=self.tree.root) for _ in images]
         pending = {self.tree.root: list(range(len(images)))} if self.tree.root in self.node_files else {}
         resized: dict[int, dict[int, torch.Tensor]] = {}  # input size -> image index -> uint8 tensor
@@ -93,7 +93,7 @@ class TreeClassifier:
             by_index = resized.setdefault(card.input_size, {})
             for index in indices:
                 if index not in by_index:
-                    by_index[index] = resize_uint8(images[index], card.input_size, card.interpolation)
+                    by_index[index] = _at_size(images[index], card)
             threshold = self.threshold(node, card)
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start:start + batch_size]
@@ -131,6 +131,22 @@ class TreeClassifier:
                     prediction.flags.append(f"{marker} is always reviewed")
 
 
+def _at_size(item: "Image.Image | torch.Tensor", card: ModelCard) -> torch.Tensor:
+    """A uint8 (3, S, S) tensor at the card's input size; a tensor already at that size is used as it is."""
+    if isinstance(item, torch.Tensor):
+        if tuple(item.shape) != (3, card.input_size, card.input_size):
+            raise ValueError(f"A pre-resized cell must be (3, {card.input_size}, {card.input_size}) for node "
+                             f"{card.node}, not {tuple(item.shape)}.")
+        return item
+    return resize_uint8(item, card.input_size, card.interpolation)
+
+
+def input_sizes(classifier: "TreeClassifier") -> set[tuple[int, str]]:
+    """The (input size, interpolation) pairs the set's node models need: one pair allows resizing at decode."""
+    return {(card.input_size, card.interpolation)
+            for card in (classifier.model(node)[1] for node in classifier.node_files)}
+
+
 _classifiers: dict[tuple, TreeClassifier] = {}
 _lock = threading.Lock()
 
@@ -153,3 +169,40 @@ def pick_device(requested: str = "auto") -> str:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but no CUDA GPU is available on this machine.")
     return requested
+
+
+def decode_checked(data: bytes, max_pixels: int, draft_size: int = 0) -> tuple[Image.Image, str, int, int]:
+    """Check and decode image bytes in one pass: (RGB image, format, width, height). BadImage with the reason otherwise.
+
+    The same checks as sources.check_image (known format, pixel limit before decoding, truncation),
+    without decoding twice. With `draft_size`, a JPEG is decoded by the codec at the smallest DCT scale
+    that still covers draft_size × draft_size (2–4× faster for 360 px cells classified at 128 px).
+    """
+    import io
+
+    from PIL import UnidentifiedImageError
+
+    from .sources import IMAGE_FORMATS, BadImage
+
+    if not data:
+        raise BadImage("the file is empty")
+    try:
+        image = Image.open(io.BytesIO(data))
+        fmt, (width, height) = image.format, image.size
+        if fmt not in IMAGE_FORMATS:
+            raise BadImage(f"unsupported image format {fmt}")
+        if width * height > max_pixels:
+            raise BadImage(f"the image is {width}×{height} pixels, over the limit of {max_pixels} pixels")
+        if draft_size and fmt in ("JPEG", "MPO"):
+            image.draft("RGB", (draft_size, draft_size))
+        image.load()  # decodes fully: a truncated file fails here
+        rgb = image.convert("RGB")
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("not an image (the content is not a known image format)") from None
+    except Image.DecompressionBombError as error:
+        raise BadImage(f"the image is too large to decode safely ({error})") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise BadImage(f"the image is damaged or truncated ({error})") from None
+    return rgb, ("JPEG" if fmt == "MPO" else fmt), width, height

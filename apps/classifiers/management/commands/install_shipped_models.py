@@ -13,9 +13,12 @@ SHIPPED = Path(settings.BASE_DIR) / "models"
 
 
 class Command(BaseCommand):
-    help = "Copy the shipped default model set into MODELS_DIR (when it lives elsewhere) and register it."
+    help = "Install the shipped default model set and detector into MODELS_DIR (when it lives elsewhere) and register them."
 
     def handle(self, *args, **options):
+        from apps.detection.services import install_shipped_detector
+
+        self.stdout.write(install_shipped_detector())
         source = SHIPPED / "default"
         target = settings.MODELS_DIR / "default"
         if not (source / "set.json").exists():

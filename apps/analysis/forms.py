@@ -1,0 +1,26 @@
+from django import forms
+
+from apps.classifiers.models import ModelSet
+
+from .models import ClassificationRun
+
+
+class ClassifyForm(forms.Form):
+    """The choices of a classification; the files themselves come as `files` (a .zip or images)."""
+
+    model_set = forms.ModelChoiceField(queryset=ModelSet.objects.all(), required=False, empty_label=None,
+                                       help_text="The active set is chosen by default.")
+    count_target = forms.TypedChoiceField(choices=ClassificationRun.TARGETS, coerce=int, initial=100, required=False,
+                                           empty_value=100)
+    name = forms.CharField(max_length=200, required=False, help_text="Sample or slide name (optional).")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        active = ModelSet.objects.active()
+        if active:
+            self.fields["model_set"].initial = active.pk
+
+
+class CorrectForm(forms.Form):
+    code = forms.CharField(max_length=16)
+    version = forms.IntegerField(required=False, min_value=0)

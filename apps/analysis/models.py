@@ -1,0 +1,119 @@
+"""Classification runs: one row per uploaded sample, one row per classified cell.
+
+A run copies the model set's name and version, and every cell records the set that classified it,
+so that deleting a model set never deletes (or silently changes) a result.
+"""
+
+from django.conf import settings
+from django.db import models
+
+from apps.cells.models import CellType
+from apps.classifiers.models import ModelSet
+
+
+class ClassificationRun(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Done"
+        FAILED = "failed", "Failed"
+
+    TARGETS = ((100, "100 cells"), (200, "200 cells"), (400, "400 cells"), (500, "500 cells"))
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="classification_runs")
+    name = models.CharField(max_length=200, blank=True, help_text="Sample or slide name, e.g. the upload's name.")
+    created = models.DateTimeField(auto_now_add=True)
+    started = models.DateTimeField(null=True, blank=True)
+    finished = models.DateTimeField(null=True, blank=True)
+    model_set = models.ForeignKey(ModelSet, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs")
+    model_set_name = models.CharField(max_length=100)
+    model_set_version = models.CharField(max_length=100, blank=True)
+    model_folder = models.CharField(max_length=255, blank=True, help_text="The set's folder when the run started.")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    n_total = models.PositiveIntegerField(default=0, help_text="Files in the upload.")
+    n_done = models.PositiveIntegerField(default=0, help_text="Files handled so far (classified or skipped).")
+    error = models.TextField(blank=True)
+    skipped = models.JSONField(default=list, blank=True, help_text="[file, reason] for files that are not usable images.")
+    upload = models.CharField(max_length=255, blank=True, help_text="Stored upload awaiting classification.")
+    count_target = models.PositiveIntegerField(choices=TARGETS, default=100)
+    signed_off_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                      related_name="+")
+    signed_off_at = models.DateTimeField(null=True, blank=True)
+    locked = models.BooleanField(default=False)
+
+    class Meta:
+        db_table = "ClassificationRuns"
+        ordering = ["-created"]
+        indexes = [models.Index(fields=["owner", "created"])]
+
+    def __str__(self) -> str:
+        return f"Run {self.pk} · {self.name or 'upload'}"
+
+    @property
+    def progress(self) -> float:
+        if self.status == self.Status.SUCCEEDED:
+            return 1.0
+        return self.n_done / self.n_total if self.n_total else 0.0
+
+    @property
+    def progress_percent(self) -> int:
+        return round(100 * self.progress)
+
+    @property
+    def active(self) -> bool:
+        return self.status in (self.Status.QUEUED, self.Status.RUNNING)
+
+
+class ClassifiedCell(models.Model):
+    """One cell of a run: the prediction (kept as it was) and the verified final type."""
+
+    run = models.ForeignKey(ClassificationRun, on_delete=models.CASCADE, related_name="cells")
+    index = models.PositiveIntegerField(help_text="Position in the upload.")
+    image = models.FileField(upload_to="analysis/%Y/%m/", max_length=255)
+    original_name = models.CharField(max_length=255)
+    sha256 = models.CharField(max_length=64)
+    width = models.PositiveIntegerField(default=0)
+    height = models.PositiveIntegerField(default=0)
+    predicted_type = models.ForeignKey(CellType, on_delete=models.PROTECT, related_name="+")
+    path = models.JSONField(default=list, help_text="[{node, code, probability}] from the root down.")
+    confidence = models.FloatField(default=0.0, help_text="Probability of the whole path.")
+    flags = models.JSONField(default=list, blank=True)
+    resolved = models.BooleanField(default=False)
+    final_type = models.ForeignKey(CellType, on_delete=models.PROTECT, related_name="+")
+    corrected_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="+")
+    corrected_at = models.DateTimeField(null=True, blank=True)
+    version = models.PositiveIntegerField(default=0, help_text="Raised by every correction (optimistic check).")
+    model_set = models.ForeignKey(ModelSet, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    model_set_name = models.CharField(max_length=100)
+
+    class Meta:
+        db_table = "ClassifiedCells"
+        ordering = ["run", "index"]
+        indexes = [models.Index(fields=["run", "final_type"])]
+
+    def __str__(self) -> str:
+        return f"{self.original_name} → {self.final_type.code}"
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.flags)
+
+    @property
+    def changed(self) -> bool:
+        return self.final_type_id != self.predicted_type_id
+
+
+class Correction(models.Model):
+    """Every change of a cell's final type: who, when, from what to what (an audit trail)."""
+
+    cell = models.ForeignKey(ClassifiedCell, on_delete=models.CASCADE, related_name="corrections")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    at = models.DateTimeField(auto_now_add=True)
+    from_type = models.ForeignKey(CellType, on_delete=models.PROTECT, related_name="+")
+    to_type = models.ForeignKey(CellType, on_delete=models.PROTECT, related_name="+")
+
+    class Meta:
+        db_table = "CellCorrections"
+        ordering = ["cell", "at", "id"]

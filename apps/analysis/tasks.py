@@ -1,0 +1,8 @@
+"""Background work for large uploads: the task takes the run id; the run row records status and progress."""
+
+from .services import classify_run
+
+
+def classify_run_task(run_id: int) -> str:
+    run = classify_run(run_id)
+    return f"run {run.pk}: {run.status}"

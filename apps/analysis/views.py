@@ -1,0 +1,178 @@
+"""Pages: upload and classify, watch progress, verify cells with mouse or keyboard, sign off, export."""
+
+import json
+from itertools import groupby
+
+from django.contrib import messages
+from django.core.paginator import Paginator
+from django.http import HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.template.loader import render_to_string
+from django.views.decorators.http import require_POST
+
+from apps.accounts.roles import lab_staff_required
+from apps.cells.models import CellType
+
+from . import services
+from .forms import ClassifyForm, CorrectForm
+from .models import ClassificationRun
+
+GALLERY_PAGE_SIZE = 200
+KEY_CHARS = "abcdefghijklmnopqrstuvwxyz1234567890"
+
+
+def _run_for(request, pk: int) -> ClassificationRun:
+    return get_object_or_404(services.runs_for(request.user).select_related("model_set"), pk=pk)
+
+
+# Types of a routine differential get their keys first, so that they get their own letter (n for NGS).
+KEY_PRIORITY = ("NGS", "NGB", "LYT", "MON", "EOS", "BAS", "EBO", "PLT", "BLA", "MYB", "MMZ", "PMO", "PEB", "LYI",
+                "PLM", "HAC", "ART", "KSC")
+
+
+def key_map(types) -> dict[str, str]:
+    """One key per cell type: the first free letter of its code, else the first free character."""
+    keys: dict[str, str] = {}
+    rank = {code: position for position, code in enumerate(KEY_PRIORITY)}
+    for cell_type in sorted(types, key=lambda t: rank.get(t.code, len(rank))):
+        for char in cell_type.code.lower() + KEY_CHARS:
+            if char not in keys:
+                keys[char] = cell_type.code
+                break
+    return keys
+
+
+def _choices():
+    types = list(CellType.objects.exclude(parent=None).order_by("order", "code"))
+    keys = key_map(types)
+    key_of = {code: key for key, code in keys.items()}
+    return [{"code": t.code, "name": t.name, "key": key_of.get(t.code, "")} for t in types], keys
+
+
+@lab_staff_required
+def home(request):
+    form = ClassifyForm(request.POST if request.method == "POST" else None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            run = services.start_run(
+                owner=request.user, files=request.FILES.getlist("files"), models=form.cleaned_data["model_set"],
+                count_target=form.cleaned_data["count_target"], name=form.cleaned_data["name"],
+            )
+        except services.AnalysisError as error:
+            form.add_error(None, str(error))
+        else:
+            if run.status == ClassificationRun.Status.FAILED:
+                messages.error(request, f"Classification failed: {run.error}")
+            return redirect("analysis:run", pk=run.pk)
+    runs = services.runs_for(request.user)[:25]
+    return render(request, "analysis/home.html", {"form": form, "runs": runs, "sync_max": services.sync_max()},
+                  status=400 if form.errors else 200)
+
+
+def _run_context(request, run: ClassificationRun) -> dict:
+    view = request.GET.get("view", "gallery")
+    cells = run.cells.select_related("predicted_type", "final_type", "corrected_by")
+    if request.GET.get("flagged"):
+        cells = cells.exclude(flags=[])
+    cells = cells.order_by("final_type__order", "final_type__code", "index") if view == "gallery" else cells.order_by("index")
+    page = Paginator(cells, GALLERY_PAGE_SIZE).get_page(request.GET.get("page"))
+    groups = [{"type": items[0].final_type, "cells": items}
+              for _, items in ((code, list(group)) for code, group in groupby(page, key=lambda c: c.final_type.code))]
+    choices, keys = _choices()
+    return {
+        "run": run, "page": page, "groups": groups, "view": view, "choices": choices,
+        "keys_json": json.dumps(keys), "counts": services.run_differential(run), "summary": services.run_summary(run),
+        "flagged_only": bool(request.GET.get("flagged")),
+    }
+
+
+@lab_staff_required
+def run_detail(request, pk: int):
+    run = _run_for(request, pk)
+    return render(request, "analysis/run.html", _run_context(request, run))
+
+
+@lab_staff_required
+def run_progress(request, pk: int):
+    run = _run_for(request, pk)
+    response = render(request, "analysis/run.html#progress", {"run": run})
+    if not run.active:
+        response["HX-Refresh"] = "true"  # the run is done: show its cells
+    return response
+
+
+@require_POST
+@lab_staff_required
+def correct(request, pk: int, cell_pk: int):
+    run = _run_for(request, pk)
+    cell = get_object_or_404(run.cells, pk=cell_pk)
+    form = CorrectForm(request.POST)
+    error = ""
+    if not form.is_valid():
+        error = "Choose a cell type."
+    else:
+        try:
+            cell = services.correct_cell(cell_id=cell.pk, code=form.cleaned_data["code"], user=request.user,
+                                         expected_version=form.cleaned_data["version"])
+        except services.AnalysisError as exc:
+            error = str(exc)
+    cell = run.cells.select_related("predicted_type", "final_type", "corrected_by").get(pk=cell.pk)
+    run.refresh_from_db()
+    choices, _ = _choices()
+    context = {"run": run, "cell": cell, "choices": choices, "error": error}
+    if not request.htmx:
+        if error:
+            messages.error(request, error)
+        return redirect("analysis:run", pk=run.pk)
+    html = render_to_string("analysis/run.html#cell", context, request)
+    html += render_to_string("analysis/run.html#counts", {
+        "run": run, "counts": services.run_differential(run), "summary": services.run_summary(run), "oob": True,
+    }, request)
+    return HttpResponse(html)  # htmx swaps only 2xx: a refused correction shows its message in the cell
+
+
+@require_POST
+@lab_staff_required
+def sign_off(request, pk: int):
+    run = _run_for(request, pk)
+    try:
+        services.sign_off(run_id=run.pk, user=request.user)
+    except services.AnalysisError as error:
+        messages.error(request, str(error))
+    else:
+        messages.success(request, f"Run {run.pk} is signed off and locked.")
+    return redirect("analysis:run", pk=run.pk)
+
+
+@require_POST
+@lab_staff_required
+def send_to_dataset(request, pk: int):
+    run = _run_for(request, pk)
+    dataset = (request.POST.get("dataset") or services.DEFAULT_CORRECTIONS_DATASET).strip()[:100]
+    try:
+        report = services.send_corrections_to_dataset(run_id=run.pk, dataset=dataset)
+    except services.AnalysisError as error:
+        messages.error(request, str(error))
+    else:
+        messages.success(request, f"{report.imported} corrected cells added to the dataset {dataset} "
+                                  f"({report.duplicates} were there already).")
+    return redirect("analysis:run", pk=run.pk)
+
+
+@lab_staff_required
+def export_csv(request, pk: int):
+    run = _run_for(request, pk)
+    response = HttpResponse(content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="classification-run-{run.pk}.csv"'
+    services.write_csv(run, response)
+    return response
+
+
+@lab_staff_required
+def report(request, pk: int):
+    run = _run_for(request, pk)
+    flagged = run.cells.exclude(flags=[]).select_related("final_type").order_by("index")
+    return render(request, "analysis/report.html", {
+        "run": run, "counts": services.run_differential(run), "summary": services.run_summary(run),
+        "flagged": flagged,
+    })

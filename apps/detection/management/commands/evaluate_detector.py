@@ -1,0 +1,32 @@
+import json
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError
+
+from apps.detection.models import Detector
+from apps.detection.services import FORMATS, DetectionInputError, evaluate_detector
+
+
+class Command(BaseCommand):
+    help = "Score a detector on an annotated folder: mAP@0.5, mAP@0.5:0.95, AP@0.5 per class."
+
+    def add_arguments(self, parser):
+        parser.add_argument("source")
+        parser.add_argument("--model", type=int, required=True, help="Detector id.")
+        parser.add_argument("--format", choices=FORMATS, required=True)
+        parser.add_argument("--split", choices=["train", "val", "test"], help="Only this split of the source.")
+        parser.add_argument("--json", dest="json_out")
+
+    def handle(self, *args, **options):
+        detector = Detector.objects.filter(pk=options["model"]).first()
+        if detector is None:
+            raise CommandError(f"No detector with id {options['model']}.")
+        try:
+            metrics = evaluate_detector(detector, Path(options["source"]), fmt=options["format"], split=options["split"])
+        except DetectionInputError as error:
+            raise CommandError(str(error)) from error
+        if options["json_out"]:
+            Path(options["json_out"]).write_text(json.dumps(metrics, indent=2))
+        per_class = ", ".join(f"{name} {ap:.3f}" for name, ap in metrics["per_class"].items())
+        self.stdout.write(f"{metrics['n_images']} images: mAP50 {metrics['map50']:.3f}, "
+                          f"mAP50-95 {metrics['map50_95']:.3f}; AP50 per class: {per_class}")

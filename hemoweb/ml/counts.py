@@ -1,0 +1,187 @@
+"""The differential count of a classified sample: counts, percentages with exact 95 % intervals,
+lineages, the M:E ratio and the blast percentage. Plain Python (no scipy, no Django).
+
+Percentages are taken over the *counted* cells: every nucleated white or red precursor cell. Platelets,
+artefacts and smudge cells are listed with their numbers but left out of the denominator, as in a
+manual differential.
+"""
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from .tree import CellTree
+
+NOT_COUNTED = ("PLT", "ART", "KSC")  # listed, but not part of the differential's denominator
+MYELOID, ERYTHROID, BLASTS = "MYE", "ERY", ("BLA",)
+COUNT_TARGETS = (100, 200, 400, 500)
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10_000):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def binom_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p) = I_{1-p}(n-k, k+1)."""
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    return betainc(n - k, k + 1, 1.0 - p)
+
+
+def _bisect(f, target: float, increasing: bool) -> float:
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        if (f(middle) < target) == increasing:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
+@lru_cache(maxsize=65536)
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The exact binomial (Clopper–Pearson) interval for k successes in n trials, as fractions.
+
+    lower = Beta quantile(alpha/2; k, n-k+1), upper = Beta quantile(1-alpha/2; k+1, n-k), found by
+    bisection on the regularized incomplete beta function.
+    """
+    if n <= 0:
+        return (0.0, 1.0)
+    if not 0 <= k <= n:
+        raise ValueError(f"k={k} must lie between 0 and n={n}")
+    alpha = 1.0 - confidence
+    lower = 0.0 if k == 0 else _bisect(lambda p: betainc(k, n - k + 1, p), alpha / 2, increasing=True)
+    upper = 1.0 if k == n else _bisect(lambda p: betainc(k + 1, n - k, p), 1.0 - alpha / 2, increasing=True)
+    return lower, upper
+
+
+@dataclass
+class Row:
+    code: str
+    name: str
+    n: int
+    counted: bool
+    percent: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    resolved: bool = True  # False for an inner node ("Myeloid, unresolved")
+
+
+@dataclass
+class Differential:
+    total: int  # every classified cell
+    counted: int  # the denominator of the percentages
+    target: int
+    types: list[Row] = field(default_factory=list)
+    lineages: list[Row] = field(default_factory=list)
+    myeloid: int = 0
+    erythroid: int = 0
+    blasts: int = 0
+    blast_percent: float | None = None
+    blast_ci: tuple[float, float] | None = None
+
+    @property
+    def me_ratio(self) -> float | None:
+        """Myeloid : erythroid nucleated cells, as one number (None without erythroid cells)."""
+        return self.myeloid / self.erythroid if self.erythroid else None
+
+    @property
+    def target_progress(self) -> float:
+        return min(1.0, self.counted / self.target) if self.target else 1.0
+
+    @property
+    def target_reached(self) -> bool:
+        return self.counted >= self.target
+
+    def as_dict(self) -> dict:
+        def rows(items):
+            return [row.__dict__ for row in items]
+        return {
+            "total": self.total, "counted": self.counted, "target": self.target,
+            "target_progress": round(self.target_progress, 4), "types": rows(self.types),
+            "lineages": rows(self.lineages), "myeloid": self.myeloid, "erythroid": self.erythroid,
+            "me_ratio": None if self.me_ratio is None else round(self.me_ratio, 3),
+            "blasts": self.blasts, "blast_percent": self.blast_percent,
+            "blast_ci": list(self.blast_ci) if self.blast_ci else None,
+        }
+
+
+def is_counted(tree: CellTree, code: str) -> bool:
+    return not any(tree.is_under(code, excluded) for excluded in NOT_COUNTED if excluded in tree)
+
+
+def _percent(k: int, n: int) -> tuple[float | None, float | None, float | None]:
+    if not n:
+        return None, None, None
+    low, high = clopper_pearson(k, n)
+    return round(100.0 * k / n, 2), round(100.0 * low, 2), round(100.0 * high, 2)
+
+
+def differential(tree: CellTree, codes: Iterable[str], target: int = 100) -> Differential:
+    """Count the final cell types of one sample; codes may be inner nodes (unresolved cells)."""
+    per_code = Counter(codes)
+    counted = sum(n for code, n in per_code.items() if is_counted(tree, code))
+    result = Differential(total=sum(per_code.values()), counted=counted, target=target)
+    for code in tree.order:  # tree order keeps the table stable and lineages together
+        n = per_code.get(code, 0)
+        if not n:
+            continue
+        in_count = is_counted(tree, code)
+        percent, low, high = _percent(n, counted) if in_count else (None, None, None)
+        result.types.append(Row(code, tree.names.get(code, code), n, in_count, percent, low, high,
+                                resolved=tree.is_leaf(code)))
+    per_lineage = Counter()
+    for code, n in per_code.items():
+        if is_counted(tree, code):
+            per_lineage[tree.lineage(code)] += n
+    for code in tree.order:
+        if per_lineage.get(code):
+            percent, low, high = _percent(per_lineage[code], counted)
+            result.lineages.append(Row(code, tree.names.get(code, code), per_lineage[code], True, percent, low, high))
+    result.myeloid = sum(n for code, n in per_code.items() if MYELOID in tree and tree.is_under(code, MYELOID))
+    result.erythroid = sum(n for code, n in per_code.items() if ERYTHROID in tree and tree.is_under(code, ERYTHROID))
+    result.blasts = sum(n for code, n in per_code.items()
+                        if any(b in tree and tree.is_under(code, b) for b in BLASTS))
+    if counted:
+        result.blast_percent, low, high = _percent(result.blasts, counted)
+        result.blast_ci = (low, high)
+    return result

@@ -1,0 +1,84 @@
+"""Whole-tree evaluation: every cell scored at its own label's level, plus the classic 8 classes.
+
+A cell labelled NEU is right when the predicted path passes NEU (NGS and NGB both count); a cell
+whose prediction stopped above its label's level (unresolved) is wrong. The 8-class view collapses
+labels and predictions onto BAS EOS ERY MYI LYM MON NEU PLT; any other prediction counts as wrong,
+and cells whose label has no 8-class equivalent are left out of that view.
+"""
+
+from collections.abc import Callable, Iterable, Sequence
+
+from PIL import Image
+
+from .infer import TreeClassifier, TreePrediction
+from .metrics import classification_metrics
+from .tree import COARSE8, CellTree
+
+UNRESOLVED = "(unresolved)"
+OTHER = "(other)"
+
+
+def prediction_at_level(tree: CellTree, label: str, predicted: str) -> str:
+    """The code on the predicted path at the depth of `label` (or UNRESOLVED when the path stops above it)."""
+    path = tree.path(predicted) if predicted in tree else []
+    depth = len(tree.path(label)) - 1
+    return path[depth] if depth < len(path) else UNRESOLVED
+
+
+def score_predictions(tree: CellTree, labels: Sequence[str], predictions: Sequence[TreePrediction]) -> dict:
+    """The evaluate_tree JSON for predictions already made."""
+    at_level = [prediction_at_level(tree, label, p.code) for label, p in zip(labels, predictions, strict=True)]
+    codes = sorted(set(labels), key=lambda code: tree.order.index(code) if code in tree.order else 10**6)
+    fine = classification_metrics(labels, at_level, codes)
+    coarse_pairs = [(tree.coarse8(label), tree.coarse8(p.code) if p.code in tree else None)
+                    for label, p in zip(labels, predictions, strict=True)]
+    coarse_pairs = [(t, p or OTHER) for t, p in coarse_pairs if t is not None]
+    coarse_classes = [code for code in COARSE8 if any(t == code for t, _ in coarse_pairs)]
+    coarse = classification_metrics([t for t, _ in coarse_pairs], [p for _, p in coarse_pairs], coarse_classes)
+    n = len(labels)
+    return {
+        "n": n,
+        "accuracy": fine["accuracy"],
+        "balanced_accuracy": fine["balanced_accuracy"],
+        "macro_f1": fine["macro_f1"],
+        "coverage": round(sum(p.resolved for p in predictions) / n, 4) if n else 0.0,
+        "per_code": fine["per_class"],
+        "confusion": fine["confusion"],
+        "coarse8": {
+            "n": coarse["n"],
+            "accuracy": coarse["accuracy"],
+            "balanced_accuracy": coarse["balanced_accuracy"],
+            "macro_f1": coarse["macro_f1"],
+            "per_code": coarse["per_class"],
+            "confusion": coarse["confusion"],
+        },
+    }
+
+
+def evaluate_tree(
+    classifier: TreeClassifier,
+    items: Iterable[tuple[Callable[[], Image.Image], str]],
+    *,
+    chunk: int = 128,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Classify (image loader, tree-code label) pairs in chunks and score them; images are opened lazily."""
+    labels: list[str] = []
+    predictions: list[TreePrediction] = []
+    pending: list[tuple[Callable[[], Image.Image], str]] = []
+
+    def flush() -> None:
+        images = [load() for load, _ in pending]
+        predictions.extend(classifier.classify(images))
+        labels.extend(label for _, label in pending)
+        pending.clear()
+        if progress:
+            progress(len(labels))
+
+    for item in items:
+        pending.append(item)
+        if len(pending) >= chunk:
+            flush()
+    if pending:
+        flush()
+    return score_predictions(classifier.tree, labels, predictions)

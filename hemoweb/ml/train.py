@@ -1,0 +1,452 @@
+"""Training the hierarchical classifier: one timm model per inner tree node, written as a model set.
+
+`train_tree` decodes every image once, trains each node top-down (AdamW, warm-up + cosine, label
+smoothing, early stopping on validation macro-F1, best epoch kept), writes `<NODE>.safetensors` +
+card as each node finishes and `set.json` at the end. An epoch checkpoint per node lets a run that
+was killed continue where it stopped. Progress goes to one callback, which may raise to cancel.
+"""
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data import AugmentConfig, Augmenter, DataError, NodeSet, build_node_sets, decode_cache
+from .infer import pick_device
+from .metrics import choose_threshold, classification_metrics
+from .tree import CellTree, resolve_single_path
+from .weights import ModelCard, ModelFileError, ModelSetCard, create_model, read_card, save_model, write_json, write_set
+
+MODES = ("scratch", "pretrained", "pretrained_aug")
+CHECKPOINTS = "checkpoints"
+
+
+class TrainingError(ValueError):
+    """The training cannot start or cannot go on; the message is meant for a lab user."""
+
+
+class TrainingCancelled(Exception):
+    """Raised by a progress callback to stop a run; checkpoints stay for a later resume."""
+
+
+@dataclass
+class TrainConfig:
+    architecture: str = "mobilenetv3_small_100"
+    mode: str = "scratch"
+    epochs: int = 10
+    image_size: int = 128
+    batch_size: int = 64
+    lr: float | None = None  # None: 2e-3 from scratch, 5e-4 from pretrained weights
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    patience: int = 5
+    min_images: int = 10
+    balance: str = "cap"  # cap | weights | none
+    balance_threshold: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    augment: bool | None = None  # None: on for pretrained_aug only
+    pretrained_file: str = ""  # empty: <pretrained_dir>/<architecture>.safetensors
+    pretrained_dir: str = "models/pretrained"
+    nodes: list[str] = field(default_factory=list)  # empty: every trainable inner node
+    threads: int = 0  # 0: leave torch's default
+    decode_workers: int = 2
+    min_coverage: float = 0.98  # for the per-node confidence threshold
+    max_steps_per_epoch: int = 0  # 0: the whole training set every epoch
+
+    @property
+    def use_augmentation(self) -> bool:
+        return self.mode == "pretrained_aug" if self.augment is None else self.augment
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr:
+            return self.lr
+        return 2e-3 if self.mode == "scratch" else 5e-4
+
+
+@dataclass
+class CellRecord:
+    """One labelled image as training sees it."""
+
+    path: str
+    label: str  # tree code
+    split: str  # train | val | test
+
+
+@dataclass
+class Progress:
+    kind: str  # plan | decode | step | epoch | node | log
+    node: str = ""
+    node_index: int = 0  # 1-based
+    node_count: int = 0
+    epoch: int = 0  # 1-based
+    epochs: int = 0
+    step: int = 0
+    steps: int = 0
+    loss: float | None = None
+    message: str = ""
+    metrics: dict = field(default_factory=dict)
+
+
+Callback = Callable[[Progress], None]
+
+
+def _silent(_: Progress) -> None:
+    pass
+
+
+def check_config(config: TrainConfig) -> Path | None:
+    """Fail fast, before any image is decoded: unknown architecture or mode, missing pretrained weights."""
+    import timm
+
+    if config.mode not in MODES:
+        raise TrainingError(f"Unknown training mode {config.mode!r}: use one of {', '.join(MODES)}.")
+    if not timm.is_model(config.architecture):
+        raise TrainingError(f"Unknown architecture {config.architecture!r}: it is not a timm model name "
+                            "(for example resnet18, mobilenetv3_small_100, tf_efficientnet_lite0).")
+    if config.epochs < 1 or config.image_size < 16 or config.batch_size < 2:
+        raise TrainingError("Epochs must be at least 1, the image size at least 16 px and the batch size at least 2.")
+    if config.mode == "scratch":
+        return None
+    path = Path(config.pretrained_file) if config.pretrained_file else (
+        Path(config.pretrained_dir) / f"{config.architecture}.safetensors")
+    if not path.is_file():
+        hint = (" Run `python manage.py convert_pretrained` to create it from the installed EfficientNet-Lite0 "
+                "ImageNet weights." if config.architecture == "tf_efficientnet_lite0" else
+                f" Put ImageNet weights for {config.architecture} there (safetensors with timm key names), "
+                "or train from scratch.")
+        raise TrainingError(f"Mode {config.mode} needs pretrained weights: expected the file {path}.{hint}")
+    return path
+
+
+def train_tree(
+    tree: CellTree,
+    cells: Sequence[CellRecord],
+    config: TrainConfig,
+    out_dir: Path,
+    *,
+    name: str = "",
+    callback: Callback | None = None,
+    data_info: dict | None = None,
+) -> ModelSetCard:
+    """Train every trainable inner node on `cells` (splits already assigned) and write a model set into `out_dir`.
+
+    Nodes whose weights are already in `out_dir` are kept (a resumed run); a node with an epoch
+    checkpoint continues from it.
+    """
+    callback = callback or _silent
+    pretrained = check_config(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = torch.device(pick_device(config.device))
+    labels = [cell.label for cell in cells]
+    try:
+        node_sets, skipped = build_node_sets(
+            tree, labels, [cell.split for cell in cells], nodes=config.nodes, min_images=config.min_images,
+            balance=config.balance, balance_threshold=config.balance_threshold, seed=config.seed)
+    except DataError as error:
+        raise TrainingError(str(error)) from error
+    for plan in skipped:
+        callback(Progress("log", node=plan.node, message=f"{plan.node} skipped: {plan.skipped}"))
+    if not node_sets:
+        reasons = "; ".join(f"{plan.node}: {plan.skipped}" for plan in skipped) or "no inner node has data"
+        raise TrainingError(f"No node of the tree can be trained with this data ({reasons}).")
+    for node_set in node_sets:
+        counts = ", ".join(f"{code} {node_set.counts['train'].get(code, 0)}/{node_set.counts['val'].get(code, 0)}/"
+                           f"{node_set.counts['test'].get(code, 0)}" for code in node_set.classes)
+        callback(Progress("plan", node=node_set.node, message=f"{node_set.node} train/val/test per class: {counts}"))
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    used = sorted({index for ns in node_sets for part in (ns.train, ns.val, ns.test) for index, _ in part})
+    pending = [ns for ns in node_sets if not (out_dir / f"{ns.node}.safetensors").is_file()]
+    cache = torch.empty(0)
+    row = {index: position for position, index in enumerate(used)}
+    if pending:
+        interpolation = "bicubic" if config.architecture.startswith("tf_") else "bilinear"
+        started = time.perf_counter()
+        cache = decode_cache([cells[i].path for i in used], config.image_size, interpolation,
+                             workers=config.decode_workers,
+                             progress=lambda done, total: callback(Progress("decode", step=done, steps=total)))
+        callback(Progress("log", message=f"Decoded {len(used)} images at {config.image_size} px "
+                                         f"in {time.perf_counter() - started:.1f} s."))
+        if device.type == "cuda":
+            cache = cache.to(device)  # 6.7k cells at 224 px are 1 GB: decode once, feed from GPU memory
+    cards: dict[str, ModelCard] = {}
+    for node_index, node_set in enumerate(node_sets, 1):
+        weights = out_dir / f"{node_set.node}.safetensors"
+        if weights.is_file():
+            cards[node_set.node] = read_card(weights)
+            callback(Progress("log", node=node_set.node, message=f"{node_set.node} already trained: kept."))
+            continue
+        remapped = NodeSet(
+            node=node_set.node, classes=node_set.classes,
+            train=[(row[i], c) for i, c in node_set.train], val=[(row[i], c) for i, c in node_set.val],
+            test=[(row[i], c) for i, c in node_set.test], counts=node_set.counts, available=node_set.available,
+            class_weights=node_set.class_weights)
+        model, card = train_node(
+            remapped, cache, config, device, pretrained=pretrained, checkpoint_dir=out_dir / CHECKPOINTS,
+            callback=callback, node_index=node_index, node_count=len(node_sets))
+        card.resolves_to = {code: resolved for code in card.classes
+                            if (resolved := resolve_single_path(tree, labels, code)) != code}
+        card.class_names = [tree.names.get(code, code) for code in card.classes]
+        card.data = {**(data_info or {}), "counts": node_set.counts, "available_train": node_set.available}
+        save_model(model, card, weights)
+        cards[node_set.node] = card
+        for suffix in (".safetensors", ".json"):
+            (out_dir / CHECKPOINTS / f"{node_set.node}{suffix}").unlink(missing_ok=True)
+        callback(Progress("node", node=node_set.node, node_index=node_index, node_count=len(node_sets),
+                          metrics=card.metrics.get("test", {}),
+                          message=f"{node_set.node} done: test accuracy {card.metrics['test']['accuracy']:.3f}, "
+                                  f"macro-F1 {card.metrics['test']['macro_f1']:.3f}"))
+    set_card = ModelSetCard(
+        name=name or out_dir.name,
+        nodes={node: f"{node}.safetensors" for node in cards},
+        architecture=config.architecture,
+        mode=config.mode,
+        input_size=config.image_size,
+        metrics={"nodes": {node: _summary(card.metrics.get("test", {})) for node, card in cards.items()}},
+        data={**(data_info or {}), "config": asdict(config),
+              "skipped": {plan.node: plan.skipped for plan in skipped}},
+    )
+    write_set(out_dir, set_card)
+    return set_card
+
+
+def _summary(metrics: dict) -> dict:
+    return {key: metrics.get(key) for key in ("n", "accuracy", "balanced_accuracy", "macro_f1")}
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x - mean) / std
+
+
+def train_node(
+    node_set: NodeSet,
+    cache: torch.Tensor,
+    config: TrainConfig,
+    device: torch.device,
+    *,
+    pretrained: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    callback: Callback | None = None,
+    node_index: int = 1,
+    node_count: int = 1,
+) -> tuple[torch.nn.Module, ModelCard]:
+    """Train one node classifier on rows of `cache` (uint8 N×3×S×S); returns the best model and its card."""
+    import timm
+
+    callback = callback or _silent
+    torch.manual_seed(config.seed)
+    try:
+        model = create_model(config.architecture, len(node_set.classes), pretrained)
+    except ModelFileError as error:
+        raise TrainingError(str(error)) from error
+    except RuntimeError as error:
+        raise TrainingError(f"The pretrained weights do not fit {config.architecture}: {error}") from error
+    _small_head(model)
+    data_config = timm.data.resolve_data_config({}, model=model)
+    mean_list, std_list = [float(v) for v in data_config["mean"]], [float(v) for v in data_config["std"]]
+    mean = torch.tensor(mean_list, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std_list, device=device).view(1, 3, 1, 1)
+    cuda = device.type == "cuda"
+    model.to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    weight = torch.tensor(node_set.class_weights, device=device) if node_set.class_weights else None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+    train_rows = torch.tensor([i for i, _ in node_set.train])
+    train_targets = torch.tensor([c for _, c in node_set.train])
+    batch_size = min(config.batch_size, len(train_rows))
+    steps = len(train_rows) // batch_size  # drop the last partial batch (a batch of 1 breaks batch norm)
+    if config.max_steps_per_epoch:
+        steps = min(steps, config.max_steps_per_epoch)
+    total_steps, warmup = steps * config.epochs, max(1, int(steps * config.warmup_epochs))
+    augmenter = Augmenter(AugmentConfig(), seed=config.seed) if config.use_augmentation else None
+
+    state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    best_state = None
+    checkpoint = Path(checkpoint_dir) / f"{node_set.node}.safetensors" if checkpoint_dir else None
+    if checkpoint and checkpoint.is_file():
+        state, best_state = _load_checkpoint(checkpoint, model, optimizer)
+        callback(Progress("log", node=node_set.node,
+                          message=f"{node_set.node}: resumed after epoch {state['epoch']} from its checkpoint."))
+
+    for epoch in range(state["epoch"], config.epochs):
+        model.train()
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(config.seed * 1009 + epoch))
+        running, seen = 0.0, 0
+        for step in range(steps):
+            chosen = order[step * batch_size:(step + 1) * batch_size]
+            x = cache[train_rows[chosen].to(cache.device)].to(device, non_blocking=True)
+            y = train_targets[chosen].to(device, non_blocking=True)
+            x = augmenter(x) if augmenter else x.float() / 255.0
+            x = _normalize(x, mean, std)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            for group in optimizer.param_groups:
+                group["lr"] = config.learning_rate * _lr_factor(epoch * steps + step, warmup, total_steps)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.item() * len(chosen)
+            seen += len(chosen)
+            callback(Progress("step", node=node_set.node, node_index=node_index, node_count=node_count,
+                              epoch=epoch + 1, epochs=config.epochs, step=step + 1, steps=steps, loss=loss.item()))
+        val_probs = _predict(model, cache, node_set.val, device, mean, std, config.batch_size)
+        val_targets = torch.tensor([c for _, c in node_set.val])
+        val_loss = float(torch.nn.functional.nll_loss(val_probs.clamp_min(1e-8).log(), val_targets)) if len(val_targets) else 0.0
+        val_metrics = _metrics(node_set.classes, val_targets, val_probs)
+        state["history"].append({
+            "epoch": epoch + 1, "train_loss": round(running / max(1, seen), 5), "val_loss": round(val_loss, 5),
+            "val_accuracy": val_metrics["accuracy"], "val_macro_f1": val_metrics["macro_f1"],
+            "lr": round(optimizer.param_groups[0]["lr"], 8),
+        })
+        state["epoch"] = epoch + 1
+        if val_metrics["macro_f1"] > state["best_f1"]:
+            state.update(best_f1=val_metrics["macro_f1"], best_epoch=epoch + 1, bad_epochs=0)
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            state["bad_epochs"] += 1
+        if checkpoint:
+            _save_checkpoint(checkpoint, model, optimizer, best_state, state)
+        callback(Progress("epoch", node=node_set.node, node_index=node_index, node_count=node_count,
+                          epoch=epoch + 1, epochs=config.epochs, step=steps, steps=steps,
+                          loss=state["history"][-1]["train_loss"], metrics=dict(state["history"][-1]),
+                          message=f"{node_set.node} epoch {epoch + 1}/{config.epochs}: "
+                                  f"train loss {state['history'][-1]['train_loss']:.3f}, val loss {val_loss:.3f}, "
+                                  f"val macro-F1 {val_metrics['macro_f1']:.3f}"))
+        if state["bad_epochs"] >= config.patience:
+            callback(Progress("log", node=node_set.node,
+                              message=f"{node_set.node}: early stop, no better validation macro-F1 for "
+                                      f"{config.patience} epochs (best epoch {state['best_epoch']})."))
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    val_probs = _predict(model, cache, node_set.val, device, mean, std, config.batch_size)
+    val_targets = torch.tensor([c for _, c in node_set.val])
+    top, predicted = val_probs.max(dim=1) if len(val_targets) else (torch.empty(0), torch.empty(0, dtype=torch.long))
+    threshold = choose_threshold(top.tolist(), (predicted == val_targets).tolist(), config.min_coverage)
+    test_probs = _predict(model, cache, node_set.test, device, mean, std, config.batch_size)
+    test_targets = torch.tensor([c for _, c in node_set.test])
+    card = ModelCard(
+        architecture=config.architecture,
+        node=node_set.node,
+        classes=list(node_set.classes),
+        input_size=cache.shape[-1],
+        mean=mean_list,
+        std=std_list,
+        interpolation="bicubic" if config.architecture.startswith("tf_") else "bilinear",
+        threshold=threshold,
+        mode=config.mode,
+        metrics={
+            "val": (val_final := _metrics(node_set.classes, val_targets, val_probs)),
+            "val_macro_f1": val_final["macro_f1"],
+            "test": _metrics(node_set.classes, test_targets, test_probs),
+            "history": state["history"],
+            "best_epoch": state["best_epoch"],
+        },
+        split_seed=config.seed,
+    )
+    return model.to("cpu").to(memory_format=torch.contiguous_format), card
+
+
+def _small_head(model: torch.nn.Module) -> None:
+    """Start the new classifier head near zero.
+
+    timm's EfficientNet/MobileNet init scales the head by 1/sqrt(num_classes): with 2–6 classes its
+    first logits reach ±40 and the first epochs are spent undoing that (loss ~8 instead of ln k).
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, torch.nn.Linear):
+        torch.nn.init.normal_(head.weight, std=0.01)
+        torch.nn.init.zeros_(head.bias)
+
+
+def _metrics(classes: list[str], targets: torch.Tensor, probs: torch.Tensor) -> dict:
+    predicted = probs.argmax(dim=1).tolist() if len(targets) else []
+    return classification_metrics([classes[t] for t in targets.tolist()], [classes[p] for p in predicted], classes)
+
+
+@torch.inference_mode()
+def _predict(model, cache, items, device, mean, std, batch_size) -> torch.Tensor:
+    model.eval()
+    rows = torch.tensor([i for i, _ in items], dtype=torch.long)
+    outputs = []
+    for start in range(0, len(rows), batch_size * 2):
+        x = cache[rows[start:start + batch_size * 2].to(cache.device)].to(device).float() / 255.0
+        x = _normalize(x, mean, std)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x)
+        outputs.append(logits.float().softmax(dim=1).cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0, 0)
+
+
+def _save_checkpoint(path: Path, model, optimizer, best_state, state: dict) -> None:
+    """Model, best model and AdamW moments as safetensors; epoch, history and optimizer settings as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        tensors.update({f"best.{k}": v.contiguous() for k, v in best_state.items()})
+    optimizer_state = optimizer.state_dict()
+    for param_id, moments in optimizer_state["state"].items():
+        for key, value in moments.items():
+            tensors[f"opt.{param_id}.{key}"] = torch.as_tensor(value).detach().to("cpu").contiguous()
+    groups = [{k: v for k, v in group.items()} for group in optimizer_state["param_groups"]]
+    tmp = path.with_suffix(".safetensors.tmp")
+    save_file(tensors, str(tmp))
+    write_json(path.with_suffix(".json"), {**state, "param_groups": groups})
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict | None]:
+    meta = json.loads(path.with_suffix(".json").read_text())
+    tensors = load_file(str(path), device="cpu")
+    device = next(model.parameters()).device
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+    moments: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, param_id, name = key.split(".", 2)
+            moments.setdefault(int(param_id), {})[name] = value if name == "step" else value.to(device)
+    optimizer.load_state_dict({"state": moments, "param_groups": meta.pop("param_groups")})
+    return meta, best
+
+
+def store_half(folder: Path) -> int:
+    """Rewrite a set's node weights with float16 tensors (half the size; loaded back into float32 models).
+
+    Returns the bytes saved. Integer tensors (BatchNorm counters) stay as they are.
+    """
+    saved = 0
+    for weights in sorted(Path(folder).glob("*.safetensors")):
+        before = weights.stat().st_size
+        tensors = load_file(str(weights))
+        half = {key: value.half() if value.is_floating_point() else value for key, value in tensors.items()}
+        tmp = weights.with_suffix(".safetensors.tmp")
+        card = read_card(weights)
+        save_file(half, str(tmp), metadata={"node": card.node, "architecture": card.architecture, "dtype": "float16"})
+        tmp.replace(weights)
+        saved += before - weights.stat().st_size
+    return saved

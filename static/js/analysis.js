@@ -1,0 +1,56 @@
+// Verification gallery: arrow keys move between cells, one key per cell type reclassifies the focused cell.
+(function () {
+  "use strict";
+  if (window.hemowebAnalysis) return;  // hx-boost may load the page again: listen once
+  window.hemowebAnalysis = true;
+  var refocus = null;
+
+  function cells() { return Array.prototype.slice.call(document.querySelectorAll("[data-cell]")); }
+
+  function rowLength(all, cell) {
+    var top = cell.offsetTop, n = 0;
+    all.forEach(function (other) { if (other.offsetTop === top && other.parentNode === cell.parentNode) n += 1; });
+    return Math.max(n, 1);
+  }
+
+  function keyMap() {
+    var element = document.getElementById("keymap");
+    try { return element ? JSON.parse(element.getAttribute("data-keys")) : {}; } catch (e) { return {}; }
+  }
+
+  document.addEventListener("keydown", function (event) {
+    var cell = event.target.closest ? event.target.closest("[data-cell]") : null;
+    if (!cell || event.target.tagName === "SELECT" || event.ctrlKey || event.metaKey || event.altKey) return;
+    var all = cells(), index = all.indexOf(cell), step = 0;
+    if (event.key === "ArrowRight") step = 1;
+    else if (event.key === "ArrowLeft") step = -1;
+    else if (event.key === "ArrowDown") step = rowLength(all, cell);
+    else if (event.key === "ArrowUp") step = -rowLength(all, cell);
+    if (step) {
+      var next = all[Math.min(Math.max(index + step, 0), all.length - 1)];
+      if (next) next.focus();
+      event.preventDefault();
+      return;
+    }
+    var code = keyMap()[event.key.toLowerCase()];
+    var select = cell.querySelector("select[name=code]");
+    if (!code || !select) return;
+    event.preventDefault();
+    if (select.value === code) return;
+    select.value = code;
+    refocus = cell.id;
+    select.dispatchEvent(new Event("change", { bubbles: true }));
+  });
+
+  document.addEventListener("htmx:afterSettle", function () {
+    if (!refocus) return;
+    var element = document.getElementById(refocus);
+    refocus = null;
+    if (element) element.focus();
+  });
+
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest ? event.target.closest("[data-print]") : null;
+    if (button) window.print();
+  });
+})();

@@ -1,0 +1,45 @@
+"""A technologist in a real browser: classify the demo zip, correct a cell with the keyboard, sign off."""
+
+import json
+
+import pytest
+
+from apps.analysis.models import ClassifiedCell
+from tests.conftest import login, screenshot
+from tests.test_analysis_services import demo_zip
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+def test_classify_correct_with_the_keyboard_and_sign_off(page, live_server, lab_user, tiny_model_set, tmp_path):
+    archive = tmp_path / "demo-sample.zip"
+    archive.write_bytes(demo_zip(1))
+    login(page, live_server, "tech")
+    page.click("nav >> text=Classification")
+    page.wait_for_selector("text=New run")
+    page.set_input_files("#id_files", str(archive))
+    page.click("button:has-text('Classify')")
+    page.wait_for_selector("text=Differential count")
+    assert page.locator("[data-cell]").count() == 8
+    screenshot(page, "analysis-run")
+
+    keys = json.loads(page.get_attribute("#keymap", "data-keys"))
+    key_for = {code: key for key, code in keys.items()}
+    first = page.locator("[data-cell]").first
+    first.focus()
+    page.keyboard.press("ArrowRight")
+    second_id = page.evaluate("document.activeElement.id")
+    cell = ClassifiedCell.objects.get(pk=int(second_id.split("-")[1]))
+    target = "MON" if cell.final_type.code != "MON" else "LYT"
+    page.keyboard.press(key_for[target])
+    page.wait_for_selector(f"#{second_id}[data-code='{target}']")
+    page.wait_for_selector("#agreement >> text=7 of 8 cells unchanged")
+    assert page.evaluate("document.activeElement.id") == second_id  # focus stays for the next key
+    cell.refresh_from_db()
+    assert cell.final_type.code == target and cell.corrected_by.username == "tech"
+    screenshot(page, "analysis-corrected")
+
+    page.click("button:has-text('Sign off and lock')")
+    page.wait_for_selector("text=is signed off and locked")
+    assert page.locator("select[name=code]").count() == 0
+    screenshot(page, "analysis-signed-off")

@@ -1,0 +1,148 @@
+"""The training loop on real demo images with a tiny timm model: a loadable set, cancel + resume, bad input."""
+
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from hemoweb.ml.data import assign_splits
+from hemoweb.ml.evaluate import evaluate_tree, score_predictions
+from hemoweb.ml.infer import TreeClassifier, TreePrediction
+from hemoweb.ml.train import CellRecord, TrainConfig, TrainingCancelled, TrainingError, train_tree
+from hemoweb.ml.tree import CellTree
+from hemoweb.ml.weights import read_card, read_set
+
+TINY = dict(architecture="mobilenetv3_small_050", epochs=2, image_size=32, batch_size=16, min_images=3, threads=1)
+
+
+def demo_cells(demo_pbc) -> list[CellRecord]:
+    label_map = {r["label"]: r["cell_type_code"] for r in csv.DictReader(open(demo_pbc / "label_map.csv"))}
+    rows = list(csv.DictReader(open(demo_pbc / "labels.csv")))
+    labels = [label_map[r["label"]] for r in rows]
+    splits = assign_splits([r["path"] for r in rows], labels, seed=0)
+    return [CellRecord(str(demo_pbc / r["path"]), label, split) for r, label, split in zip(rows, labels, splits)]
+
+
+@pytest.fixture(scope="module")
+def trained_set(tmp_path_factory):
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parent.parent / "demo" / "pbc"
+    folder = tmp_path_factory.mktemp("sets") / "tiny"
+    events = []
+    card = train_tree(CellTree.default(), demo_cells(demo), TrainConfig(**TINY), folder, name="tiny",
+                      callback=events.append)
+    return folder, card, events
+
+
+def test_training_writes_a_set_that_the_tree_classifier_runs(trained_set, demo_pbc):
+    folder, card, events = trained_set
+    assert set(card.nodes) == {"ROOT", "MYE", "MYI", "MYM", "NEU"}
+    assert read_set(folder).architecture == "mobilenetv3_small_050"
+    root = read_card(folder / "ROOT.safetensors")
+    assert root.classes == ["ERY", "LYM", "MYE", "MEG"]
+    assert root.resolves_to == {"ERY": "EBO", "LYM": "LYT", "MEG": "PLT"}
+    assert root.input_size == 32 and 0.0 <= root.threshold < 1.0
+    assert {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion"} <= set(root.metrics["test"])
+    assert len(root.metrics["history"]) == 2 and "val_loss" in root.metrics["history"][0]
+    assert not (folder / "checkpoints" / "ROOT.safetensors").exists()
+    kinds = {event.kind for event in events}
+    assert {"plan", "decode", "step", "epoch", "node"} <= kinds
+    steps = [e for e in events if e.kind == "step"]
+    assert steps[0].node_count == 5 and steps[0].node_index == 1
+    images = [Image.open(path) for path in sorted(demo_pbc.glob("*/*.jpg"))[:6]]
+    predictions = TreeClassifier(folder, CellTree.default()).classify(images)
+    tree = CellTree.default()
+    assert all(p.code in tree and p.path and p.path[0].node == "ROOT" for p in predictions)
+
+
+def test_cancel_keeps_the_epoch_checkpoint_and_resume_finishes(tmp_path, demo_pbc):
+    cells = demo_cells(demo_pbc)
+    folder = tmp_path / "set"
+    config = TrainConfig(**{**TINY, "epochs": 3, "nodes": ["ROOT", "NEU"]})
+
+    def cancel_after_first_epoch(event):
+        if event.kind == "epoch" and event.node == "ROOT" and event.epoch == 1:
+            raise TrainingCancelled()
+
+    with pytest.raises(TrainingCancelled):
+        train_tree(CellTree.default(), cells, config, folder, callback=cancel_after_first_epoch)
+    checkpoint = json.loads((folder / "checkpoints" / "ROOT.json").read_text())
+    assert checkpoint["epoch"] == 1
+    assert not (folder / "set.json").exists()  # nothing half-written looks like a set
+    messages = []
+    card = train_tree(CellTree.default(), cells, config, folder, callback=lambda e: messages.append(e.message))
+    assert any("resumed after epoch 1" in m for m in messages)
+    history = read_card(folder / "ROOT.safetensors").metrics["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert set(card.nodes) == {"ROOT", "NEU"}
+
+
+def test_unknown_architecture_and_missing_pretrained_file_are_clear(tmp_path, demo_pbc):
+    cells = demo_cells(demo_pbc)
+    with pytest.raises(TrainingError, match="Unknown architecture 'resnet_nonexistent'"):
+        train_tree(CellTree.default(), cells, TrainConfig(**{**TINY, "architecture": "resnet_nonexistent"}), tmp_path)
+    config = TrainConfig(**{**TINY, "mode": "pretrained", "pretrained_dir": str(tmp_path / "pretrained")})
+    with pytest.raises(TrainingError, match=r"expected the file .*pretrained/mobilenetv3_small_050\.safetensors"):
+        train_tree(CellTree.default(), cells, config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_class_dataset_is_refused(tmp_path, demo_pbc):
+    cells = [c for c in demo_cells(demo_pbc) if c.label == "NGS"]
+    with pytest.raises(TrainingError, match="only one cell type"):
+        train_tree(CellTree.default(), cells, TrainConfig(**TINY), tmp_path)
+
+
+def test_pretrained_mode_starts_from_the_converted_lite0_imagenet_weights(tmp_path, demo_pbc):
+    from safetensors.torch import load_file
+
+    from hemoweb.ml.pretrained import convert_lite0
+
+    target = convert_lite0(tmp_path / "pretrained" / "tf_efficientnet_lite0.safetensors")
+    imagenet = load_file(str(target))
+    assert imagenet["classifier.weight"].shape == (1000, 1280)
+    config = TrainConfig(architecture="tf_efficientnet_lite0", mode="pretrained_aug", epochs=1, image_size=32,
+                         batch_size=16, min_images=3, nodes=["NEU"], max_steps_per_epoch=1, threads=1,
+                         pretrained_dir=str(tmp_path / "pretrained"))
+    train_tree(CellTree.default(), demo_cells(demo_pbc), config, tmp_path / "set")
+    trained = load_file(str(tmp_path / "set" / "NEU.safetensors"))
+    # one step of fine-tuning moves the stem only slightly away from ImageNet, and far from a random init
+    stem = "conv_stem.weight"
+    assert (trained[stem] - imagenet[stem]).abs().mean() < 0.05 * imagenet[stem].abs().mean() + 1e-3
+    assert read_card(tmp_path / "set" / "NEU.safetensors").mean == [0.5, 0.5, 0.5]
+
+
+def test_evaluation_scores_each_cell_at_its_own_level(trained_set):
+    tree = CellTree.default()
+    right = TreePrediction(code="NGS", resolved=True)
+    stopped = TreePrediction(code="MYM", resolved=False)
+    result = score_predictions(tree, ["NEU", "NGS", "NEU"], [right, right, stopped])
+    assert result["n"] == 3 and result["accuracy"] == pytest.approx(2 / 3, abs=1e-3)
+    assert result["coverage"] == pytest.approx(2 / 3, abs=1e-3)
+    assert result["coarse8"]["accuracy"] == pytest.approx(2 / 3, abs=1e-3)  # MYM is no 8-class answer: wrong
+    folder, _, _ = trained_set
+    demo = folder  # the classifier from the tiny set runs on real images
+    classifier = TreeClassifier(demo, tree)
+    items = [(lambda: Image.new("RGB", (64, 64), (200, 150, 200)), "LYT")] * 3
+    scored = evaluate_tree(classifier, items)
+    assert set(scored) >= {"n", "accuracy", "balanced_accuracy", "macro_f1", "coverage", "per_code", "confusion", "coarse8"}
+    assert torch.is_tensor(torch.tensor(scored["confusion"]["matrix"]))
+
+
+def test_half_precision_weights_halve_the_size_and_predict_the_same(trained_set, tmp_path, demo_pbc):
+    import shutil
+
+    from hemoweb.ml.train import store_half
+
+    folder, _, _ = trained_set
+    copy = tmp_path / "half"
+    shutil.copytree(folder, copy)
+    before = sum(f.stat().st_size for f in copy.glob("*.safetensors"))
+    assert store_half(copy) > 0.4 * before
+    images = [Image.open(path) for path in sorted(demo_pbc.glob("*/*.jpg"))[::13]]
+    full = TreeClassifier(folder, CellTree.default()).classify(images)
+    half = TreeClassifier(copy, CellTree.default()).classify(images)
+    assert [p.code for p in full] == [p.code for p in half]

@@ -1,0 +1,152 @@
+"""Real worker processes: a django-q2 training cluster runs a job end to end; a killed worker leaves a resumable job.
+
+A subprocess must see the test database: on SQLite the in-memory test database is copied to a file
+for it and copied back afterwards; on MariaDB it connects to the test database itself.
+"""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from apps.training import services
+from apps.training.models import TrainingJob
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {"architecture": "mobilenetv3_small_050", "epochs": 1, "image_size": 32, "batch_size": 16, "min_images": 3,
+        "threads": 1, "nodes": ["ROOT", "NEU"]}
+
+pytestmark = pytest.mark.slow
+
+
+class SharedDatabase:
+    def __init__(self, tmp_path: Path):
+        self.sqlite = connection.vendor == "sqlite"
+        self.file = tmp_path / "shared.sqlite3"
+        self.env = {key: value for key, value in os.environ.items() if not key.startswith(("DB", "DATABASE_URL"))}
+        self.env.update(MEDIA_ROOT=str(settings.MEDIA_ROOT), MODELS_DIR=str(settings.MODELS_DIR), OMP_NUM_THREADS="1",
+                        PYTHONUNBUFFERED="1")
+        if self.sqlite:
+            self.env["SQLITE_PATH"] = str(self.file)
+        else:
+            self.env.update(DB="mysql", DB_NAME=connection.settings_dict["NAME"],
+                            DB_USER=connection.settings_dict["USER"], DB_HOST=connection.settings_dict["HOST"],
+                            DB_PORT=str(connection.settings_dict["PORT"] or 3306))
+            if connection.settings_dict["PASSWORD"]:
+                self.env["DB_PASSWORD"] = connection.settings_dict["PASSWORD"]
+
+    def push(self) -> None:
+        """Make what the test wrote visible to a subprocess."""
+        if self.sqlite:
+            connection.ensure_connection()
+            target = sqlite3.connect(self.file)
+            connection.connection.backup(target)
+            target.close()
+
+    def pull(self) -> None:
+        """Make what a subprocess wrote visible to the test."""
+        if self.sqlite:
+            source = sqlite3.connect(self.file)
+            source.backup(connection.connection)
+            source.close()
+
+    def status(self, job_id: int) -> str:
+        if self.sqlite:
+            with sqlite3.connect(self.file, timeout=30) as db:
+                return db.execute('SELECT status FROM "TrainingJobs" WHERE id = ?', (job_id,)).fetchone()[0]
+        return TrainingJob.objects.values_list("status", flat=True).get(pk=job_id)
+
+    def task_recorded(self, name: str) -> bool:
+        """The cluster's monitor saved the task's result (a moment after the task itself returned)."""
+        if self.sqlite:
+            with sqlite3.connect(self.file, timeout=30) as db:
+                return db.execute("SELECT COUNT(*) FROM django_q_task WHERE name = ?", (name,)).fetchone()[0] > 0
+        from django_q.models import Task
+
+        return Task.objects.filter(name=name).exists()
+
+
+@pytest.fixture
+def shared_db(transactional_db, tmp_path):
+    return SharedDatabase(tmp_path)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_a_training_job_runs_on_a_real_training_qcluster(shared_db, pbc_dataset, curator, tmp_path):
+    from django_q.models import OrmQ, Task
+
+    job = services.start_training(dataset=pbc_dataset, name="queued set", params=TINY, user=curator)
+    assert OrmQ.objects.filter(key=settings.HEMOWEB_TRAINING_CLUSTER).count() == 1  # its own queue
+    shared_db.push()
+    log = open(tmp_path / "qcluster.log", "w")
+    cluster = subprocess.Popen(
+        [sys.executable, "manage.py", "qcluster"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        env={**shared_db.env, "Q_CLUSTER_NAME": settings.HEMOWEB_TRAINING_CLUSTER}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while shared_db.status(job.pk) in ("queued", "running") and time.monotonic() < deadline:
+            assert cluster.poll() is None, (tmp_path / "qcluster.log").read_text()[-3000:]
+            time.sleep(1)
+        while not shared_db.task_recorded(f"training-job-{job.pk}") and time.monotonic() < deadline + 20:
+            time.sleep(0.5)
+    finally:
+        _stop(cluster)
+        log.close()
+    shared_db.pull()
+    job.refresh_from_db()
+    assert job.status == TrainingJob.Status.SUCCEEDED, job.error + (tmp_path / "qcluster.log").read_text()[-3000:]
+    assert job.worker_pid and job.worker_pid != os.getpid()
+    assert job.result.name == "queued set" and (job.result.path / "ROOT.safetensors").is_file()
+    assert Task.objects.filter(name=f"training-job-{job.pk}", success=True).exists()
+    assert not OrmQ.objects.exists()
+
+
+def test_a_killed_worker_leaves_a_failed_job_that_resumes_from_its_checkpoint(shared_db, pbc_dataset, tmp_path):
+    shared_db.push()
+    log = open(tmp_path / "train.log", "w")
+    worker = subprocess.Popen(
+        [sys.executable, "manage.py", "train_tree", "--dataset", "Demo PBC", "--arch", "mobilenetv3_small_050",
+         "--epochs", "3", "--image-size", "64", "--batch-size", "4", "--min-images", "3", "--threads", "1",
+         "--nodes", "ROOT", "NEU", "--name", "killed"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=shared_db.env, start_new_session=True)
+    checkpoints = Path(settings.MODELS_DIR) / ".training"
+    try:
+        deadline = time.monotonic() + 120
+        while not list(checkpoints.glob("job-*/checkpoints/ROOT.json")) and time.monotonic() < deadline:
+            assert worker.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(worker.pid, signal.SIGKILL)  # mid-run, as an out-of-memory killer or a reboot would
+        worker.wait()
+    finally:
+        _stop(worker)
+        log.close()
+    shared_db.pull()
+    job = TrainingJob.objects.get(name="killed")
+    assert job.status == TrainingJob.Status.RUNNING  # nobody could record anything
+    lost = services.detect_lost_jobs()
+    assert [j.pk for j in lost] == [job.pk]
+    job.refresh_from_db()
+    assert job.status == TrainingJob.Status.FAILED
+    assert "worker running this job stopped" in job.error and "resume" in job.error
+    assert job.can_resume and job.result is None
+    services.resume_job(job, enqueue=False)
+    job = services.run_training_job(job.pk)
+    assert job.status == TrainingJob.Status.SUCCEEDED, job.error
+    assert "resumed after epoch" in job.log or "ROOT already trained: kept" in job.log
+    assert job.result.name == "killed"
