@@ -8,6 +8,16 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitVie
 from apps.cells import views as cell_views
 from apps.operations.views import healthz
 
+
+
+def media(request, path: str):
+    """Media are patient-adjacent images: served only to logged-in users (LoginRequiredMiddleware).
+
+    MEDIA_ROOT is read per request, so a changed setting (tests, a moved volume) is followed.
+    """
+    return serve(request, path, document_root=settings.MEDIA_ROOT)
+
+
 urlpatterns = [
     path("", cell_views.home, name="home"),
     path("healthz", healthz, name="healthz"),
@@ -22,6 +32,5 @@ urlpatterns = [
     path("api/", include("hemoweb.api_urls")),
     path("api/schema/", login_not_required(SpectacularAPIView.as_view()), name="schema"),
     path("api/docs/", SpectacularSwaggerSplitView.as_view(url_name="schema"), name="api-docs"),
-    # Media are patient-adjacent images: served only to logged-in users (LoginRequiredMiddleware).
-    path(f"{settings.MEDIA_URL.strip('/')}/<path:path>", serve, {"document_root": settings.MEDIA_ROOT}, name="media"),
+    path(f"{settings.MEDIA_URL.strip('/')}/<path:path>", media, name="media"),
 ]
