@@ -18,7 +18,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -32,16 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "pbc"
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
+from benchmarks.common import cpu_model  # noqa: E402
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_zip(images: list[Path], n: int, target: Path) -> Path:

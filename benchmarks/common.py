@@ -9,16 +9,18 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def hardware() -> dict:
-    cpu = platform.processor()
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()}
+    return platform.processor() or "unknown"
+
+
+def hardware() -> dict:
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()}
     try:
         import torch
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import cpu_model  # noqa: E402
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -27,14 +28,6 @@ from hemoweb.ml.explain import explain, gradcam_layer, prepare, resolve_settings
 from hemoweb.ml.weights import ModelCard, cached_model, create_model, read_set  # noqa: E402
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def load(device: str, size: int | None) -> tuple[torch.nn.Module, ModelCard, str]:

@@ -19,6 +19,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import cpu_model  # noqa: E402
 
 from hemoweb.ml.data import NodeSet, decode_cache  # noqa: E402
 from hemoweb.ml.infer import pick_device  # noqa: E402
@@ -26,14 +27,6 @@ from hemoweb.ml.train import Progress, TrainConfig, train_node  # noqa: E402
 from hemoweb.ml.weights import create_model  # noqa: E402
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def bare_loop(arch: str, size: int, batch: int, steps: int, device: torch.device, warmup: int) -> float:

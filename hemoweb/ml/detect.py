@@ -28,7 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .sources import BadImage
-from .weights import ModelFileError, write_json
+from .weights import ModelFileError, mtime_cached, read_state, write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
@@ -543,11 +543,9 @@ def _starting_model(yolo_class, source: str):
     if path.suffix != ".safetensors" or not path.is_file():
         raise DetectionError(f"The starting point {source} is neither a model definition (.yaml) nor an existing "
                              "hemoweb detector (.safetensors); nothing is downloaded.")
-    from safetensors.torch import load_file
-
     card = read_detector_card(path)
     model = yolo_class(card.architecture, task="detect")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    state = read_state(path, "the starting detector")
     own = model.model.state_dict()
     model.model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
     model.ckpt = {"source": str(path)}  # makes ultralytics build its training model from these weights
@@ -594,8 +592,6 @@ class Detector:
 
 def load_detector(weights_path: Path, device: str | torch.device = "cpu") -> Detector:
     """Rebuild the network from its definition and fill it from safetensors (never a pickle)."""
-    from safetensors.torch import load_file
-
     configure_ultralytics()
     from ultralytics.nn.tasks import DetectionModel
 
@@ -603,18 +599,13 @@ def load_detector(weights_path: Path, device: str | torch.device = "cpu") -> Det
 
     weights_path = Path(weights_path)
     card = read_detector_card(weights_path)
-    if not weights_path.is_file():
-        raise ModelFileError(f"The detector weights {weights_path} are missing.")
-    try:
-        state = load_file(str(weights_path), device="cpu")
-    except Exception as error:  # safetensors raises several types for a damaged file
-        raise ModelFileError(f"The detector weights {weights_path} are corrupt: {error}") from error
+    state = read_state(weights_path, "the detector")
     from ultralytics.nn.tasks import yaml_model_load
 
     definition = {**yaml_model_load(card.architecture), "nc": len(card.classes)}  # no "overriding nc" log line
     model = DetectionModel(cfg=definition, nc=len(card.classes), verbose=False)
     try:
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        model.load_state_dict(state)
     except RuntimeError as error:
         raise ModelFileError(f"{weights_path} does not fit {card.architecture}: {error}") from error
     model = model.fuse(verbose=False) if hasattr(model, "fuse") else model
@@ -622,22 +613,13 @@ def load_detector(weights_path: Path, device: str | torch.device = "cpu") -> Det
     return Detector(model.to(device).eval(), card, device)
 
 
-_cache: dict[tuple[str, str], tuple[float, Detector]] = {}
+_cache: dict = {}
 _cache_lock = threading.Lock()
 
 
 def cached_detector(weights_path: Path, device: str = "cpu") -> Detector:
     """load_detector once per process, keyed by file and mtime."""
-    path = Path(weights_path).resolve()
-    mtime = path.stat().st_mtime if path.exists() else -1.0
-    key = (str(path), str(device))
-    with _cache_lock:
-        hit = _cache.get(key)
-        if hit and hit[0] == mtime:
-            return hit[1]
-        detector = load_detector(path, device)
-        _cache[key] = (mtime, detector)
-        return detector
+    return mtime_cached(_cache, _cache_lock, weights_path, device, load_detector)
 
 
 # ---------------------------------------------------------------------------------------------

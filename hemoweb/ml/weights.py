@@ -101,16 +101,23 @@ def read_card(weights_path: Path) -> ModelCard:
         raise ModelFileError(f"The model card {card_path} is not valid: {error}") from error
 
 
+def read_state(weights_path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A safetensors state dict in float32 (files may store float16); clear errors for missing or damaged files."""
+    weights_path = Path(weights_path)
+    if not weights_path.is_file():
+        raise ModelFileError(f"The weights file {weights_path} for {what} is missing.")
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except Exception as error:  # safetensors raises several types for a damaged file
+        raise ModelFileError(f"The weights file {weights_path} for {what} is corrupt: {error}") from error
+    return {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
+
+
 def load_model(weights_path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelCard]:
     """Rebuild a node classifier from its card and safetensors weights, in eval mode."""
     weights_path = Path(weights_path)
     card = read_card(weights_path)
-    if not weights_path.is_file():
-        raise ModelFileError(f"The weights file {weights_path} for node {card.node} is missing.")
-    try:
-        state = load_file(str(weights_path), device="cpu")
-    except Exception as error:  # safetensors raises several types for a damaged file
-        raise ModelFileError(f"The weights file {weights_path} is corrupt: {error}") from error
+    state = read_state(weights_path, f"node {card.node}")
     model = create_model(card.architecture, num_classes=len(card.classes))
     try:
         model.load_state_dict(state)
@@ -119,25 +126,30 @@ def load_model(weights_path: Path, device: str | torch.device = "cpu") -> tuple[
     return model.to(device).eval(), card
 
 
-_cache: dict[tuple[str, str], tuple[float, torch.nn.Module, ModelCard]] = {}
-_cache_lock = threading.Lock()
-
-
-def cached_model(weights_path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelCard]:
-    """load_model once per process, keyed by file and mtime (a retrained file is picked up)."""
+def mtime_cached(cache: dict, lock: threading.Lock, weights_path: Path, device, loader):
+    """loader(path, device) once per process for each (file, device), again when the file's mtime changes."""
     weights_path = Path(weights_path).resolve()
     key = (str(weights_path), str(device))
     try:
         mtime = weights_path.stat().st_mtime
     except FileNotFoundError:
         mtime = -1.0
-    with _cache_lock:
-        hit = _cache.get(key)
+    with lock:
+        hit = cache.get(key)
         if hit and hit[0] == mtime:
-            return hit[1], hit[2]
-        model, card = load_model(weights_path, device)
-        _cache[key] = (mtime, model, card)
-        return model, card
+            return hit[1]
+        value = loader(weights_path, device)
+        cache[key] = (mtime, value)
+        return value
+
+
+_cache: dict = {}
+_cache_lock = threading.Lock()
+
+
+def cached_model(weights_path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelCard]:
+    """load_model once per process, keyed by file and mtime (a retrained file is picked up)."""
+    return mtime_cached(_cache, _cache_lock, weights_path, device, load_model)
 
 
 @dataclass
