@@ -227,6 +227,10 @@ HEMOWEB_ZIP_MAX_RATIO = env_int("ZIP_MAX_RATIO", 200)
 HEMOWEB_ZIP_MAX_ENTRY_BYTES = env_int("ZIP_MAX_ENTRY_BYTES", 64 * 1024 * 1024)
 # Classification: uploads with more files than this run as a background job.
 HEMOWEB_CLASSIFY_SYNC_MAX = env_int("CLASSIFY_SYNC_MAX", 300)
+# Files decoded and stored per chunk (0: the built-in 256); a run's heartbeat is renewed after each chunk.
+HEMOWEB_CLASSIFY_CHUNK = env_int("CLASSIFY_CHUNK", 0)
+# A running classification whose worker has not reported for this long is taken as lost (killed worker).
+HEMOWEB_CLASSIFY_STALE_SECONDS = env_int("CLASSIFY_STALE_SECONDS", 600)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

@@ -87,6 +87,9 @@ class ClassificationRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
     def get_queryset(self):
         return services.runs_for(self.request.user).select_related("model_set")
 
+    def get_object(self):
+        return services.check_worker(super().get_object())  # a killed worker's run reads as failed
+
     def get_serializer_class(self):
         return RunDetailSerializer if self.action == "retrieve" else RunSerializer
 

@@ -9,9 +9,12 @@ from django.db import models
 
 from apps.cells.models import CellType
 from apps.classifiers.models import ModelSet
+from apps.operations.workers import WorkerFields
 
 
-class ClassificationRun(models.Model):
+class ClassificationRun(WorkerFields):
+    """A run records its worker (host, pid, heartbeat per chunk): a killed worker's run is found and failed."""
+
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
         RUNNING = "running", "Running"

@@ -241,9 +241,10 @@ def classify_run(run_id: int, *, source: Path | None = None, chunk: int | None =
     """
     import time
 
-    chunk = chunk or CHUNK
-    claimed = ClassificationRun.objects.filter(pk=run_id, status=ClassificationRun.Status.QUEUED).update(
-        status=ClassificationRun.Status.RUNNING, started=timezone.now())  # atomic: one worker runs it
+    chunk = chunk or getattr(settings, "HEMOWEB_CLASSIFY_CHUNK", 0) or CHUNK
+    # atomic: one worker runs it, and the run names that worker (host, pid) so that its death can be detected
+    claimed = ClassificationRun.claim(run_id, status=ClassificationRun.Status.QUEUED,
+                                      to=ClassificationRun.Status.RUNNING, started=timezone.now())
     run = ClassificationRun.objects.select_related("model_set").get(pk=run_id)
     if not claimed:
         return run
@@ -264,7 +265,8 @@ def classify_run(run_id: int, *, source: Path | None = None, chunk: int | None =
         with ImageSource(location, limits) as image_source:
             files = list(image_source.files())
             run.n_total = len(files)
-            run.save(update_fields=["n_total"])
+            run.beat()
+            run.save(update_fields=["n_total", "heartbeat"])
             for start in range(0, len(files), chunk):
                 _classify_chunk(run, image_source, files[start:start + chunk], start, classifier, types,
                                 limits, batch_size, draft_size, resize_to, clock, time.perf_counter)
@@ -322,8 +324,56 @@ def _classify_chunk(run, image_source, files, offset, classifier, types, limits,
     with transaction.atomic():
         ClassifiedCell.objects.bulk_create(rows)
         run.n_done = offset + len(files)
-        run.save(update_fields=["n_done", "skipped"])
+        run.beat()
+        run.save(update_fields=["n_done", "skipped", "heartbeat"])
     clock["database"] += now() - started
+
+
+# --- lost workers ------------------------------------------------------------------------------
+
+
+def stale_seconds() -> int:
+    return getattr(settings, "HEMOWEB_CLASSIFY_STALE_SECONDS", 600)
+
+
+def check_worker(run: ClassificationRun) -> ClassificationRun:
+    """Fail a running run whose worker is gone (killed, machine restarted); the cells stored so far are kept.
+
+    Called wherever a run is read (page, progress partial, API): free for runs that are not running, and a
+    process check (no query) for running ones; the database is written only when the worker is gone.
+    """
+    if run.status != ClassificationRun.Status.RUNNING or not run.is_lost(stale_seconds()):
+        return run
+    fresh = ClassificationRun.objects.filter(pk=run.pk).values("n_done", "n_total", "upload").first()
+    if fresh is None:
+        return run
+    message = (
+        f"Classification stopped after {fresh['n_done']} of {fresh['n_total']} files: {run.worker_label} "
+        "running it is gone (it was killed or its machine restarted). The cells classified so far are kept; "
+        "upload the remaining images again to classify them."
+    )
+    finished = timezone.now()
+    updated = ClassificationRun.objects.filter(pk=run.pk, status=ClassificationRun.Status.RUNNING).update(
+        status=ClassificationRun.Status.FAILED, error=message, finished=finished, upload="")
+    if updated:
+        log.warning("classification run %s: %s", run.pk, message)
+        _remove_upload(fresh["upload"])
+        _remove_unrecorded_images(run.pk)
+    run.refresh_from_db()
+    return run
+
+
+def _remove_unrecorded_images(run_id: int) -> None:
+    """Images a killed worker stored for a chunk whose rows it never committed."""
+    folder = f"analysis/{run_id}"
+    try:
+        names = default_storage.listdir(folder)[1]
+    except OSError:
+        return
+    recorded = set(ClassifiedCell.objects.filter(run_id=run_id).values_list("image", flat=True))
+    for name in names:
+        if f"{folder}/{name}" not in recorded:
+            default_storage.delete(f"{folder}/{name}")
 
 
 # --- reading runs ------------------------------------------------------------------------------

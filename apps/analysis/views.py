@@ -22,7 +22,7 @@ KEY_CHARS = "abcdefghijklmnopqrstuvwxyz1234567890"
 
 
 def _run_for(request, pk: int) -> ClassificationRun:
-    return get_object_or_404(services.runs_for(request.user).select_related("model_set"), pk=pk)
+    return services.check_worker(get_object_or_404(services.runs_for(request.user).select_related("model_set"), pk=pk))
 
 
 # Types of a routine differential get their keys first, so that they get their own letter (n for NGS).

@@ -1,7 +1,5 @@
 """Training jobs: one row per request to train a model set, updated by the worker as it runs."""
 
-import os
-import socket
 from pathlib import Path
 
 from django.conf import settings
@@ -10,11 +8,12 @@ from django.utils import timezone
 
 from apps.cells.models import Dataset
 from apps.classifiers.models import ModelSet
+from apps.operations.workers import WorkerFields
 
 LOG_LINES = 200
 
 
-class TrainingJob(models.Model):
+class TrainingJob(WorkerFields):
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
         RUNNING = "running", "Running"
@@ -34,9 +33,6 @@ class TrainingJob(models.Model):
     error = models.TextField(blank=True)
     cancel_requested = models.BooleanField(default=False)
     task_id = models.CharField(max_length=64, blank=True)
-    worker_host = models.CharField(max_length=255, blank=True)
-    worker_pid = models.PositiveIntegerField(null=True, blank=True)
-    heartbeat = models.DateTimeField(null=True, blank=True)
     result = models.ForeignKey(ModelSet, null=True, blank=True, on_delete=models.SET_NULL, related_name="training_jobs")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
                                    related_name="+")
@@ -78,8 +74,7 @@ class TrainingJob(models.Model):
     def mark_running(self) -> None:
         self.status = self.Status.RUNNING
         self.started = self.started or timezone.now()
-        self.heartbeat = timezone.now()
-        self.worker_host, self.worker_pid = socket.gethostname(), os.getpid()
+        self.take()
         self.error = ""
         self.finished = None
 

@@ -3,12 +3,10 @@
 import logging
 import os
 import shutil
-import socket
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, fields
-from datetime import timedelta
 from pathlib import Path, PurePosixPath
 
 from django.conf import settings
@@ -157,7 +155,7 @@ class _Recorder:
 
     def save(self) -> None:
         job = self.job
-        job.heartbeat = timezone.now()
+        job.beat()
         job.save(update_fields=["progress", "metrics", "log", "heartbeat"])
         state = TrainingJob.objects.filter(pk=job.pk).values_list("cancel_requested", "status").first()
         if state is None or state[0] or state[1] == TrainingJob.Status.CANCELLED:
@@ -167,8 +165,7 @@ class _Recorder:
 def run_training_job(job_id: int, *, echo: Callable[[str], None] | None = None) -> TrainingJob:
     """Run a queued job to its end (the worker's task and the CLI both call this); never raises for training errors."""
     # Claim the job with one conditional UPDATE: a second worker (or a cancelled job) finds nothing to do.
-    claimed = TrainingJob.objects.filter(pk=job_id, status=TrainingJob.Status.QUEUED).update(
-        status=TrainingJob.Status.RUNNING, heartbeat=timezone.now())
+    claimed = TrainingJob.claim(job_id, status=TrainingJob.Status.QUEUED, to=TrainingJob.Status.RUNNING)
     job = TrainingJob.objects.select_related("dataset").get(pk=job_id)
     if not claimed:
         log.info("training job %s is %s, not queued: nothing to do", job_id, job.status)
@@ -284,28 +281,11 @@ def resume_job(job: TrainingJob, *, enqueue: bool = True) -> TrainingJob:
     return job
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child nobody has reaped yet is a zombie: gone for our purpose
-        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return True
-
-
 def detect_lost_jobs() -> list[TrainingJob]:
     """Mark running jobs whose worker is gone (dead process on this host, or silent too long) as failed."""
-    stale_before = timezone.now() - timedelta(seconds=settings.HEMOWEB_TRAINING_STALE_SECONDS)
-    host = socket.gethostname()
     lost = []
     for job in list(TrainingJob.objects.filter(status=TrainingJob.Status.RUNNING)):
-        dead = job.worker_host == host and job.worker_pid and not _pid_alive(job.worker_pid)
-        silent = job.heartbeat is not None and job.heartbeat < stale_before
-        if not (dead or silent):
+        if not job.is_lost(settings.HEMOWEB_TRAINING_STALE_SECONDS):
             continue
         where = job.progress.get("node")
         position = f" at node {where}, epoch {job.progress.get('epoch')}" if where else ""
