@@ -35,7 +35,7 @@ class LabStaff(HttpUser):
 
     @task(4)
     def pages(self) -> None:
-        for url in ("/", "/tree/", f"/datasets/{DATASET_ID}/", "/models/", "/classify/"):
+        for url in ("/", "/tree/", f"/datasets/{DATASET_ID}/", "/models/", "/analysis/"):
             self.client.get(url, name=f"page {url.split('/')[1] or 'start'}")
 
     @task(4)

@@ -45,9 +45,10 @@ def main() -> None:
         "u.groups.add(Group.objects.get(name='Curator'))\n"
         "print(Token.objects.get_or_create(user=u)[0].key, Dataset.objects.get(name='Demo PBC').pk)"))
     token, dataset_id = setup.strip().splitlines()[-1].split()
+    server_log = open("/tmp/hemoweb-load/gunicorn.log", "w")
     server = subprocess.Popen([str(REPO / ".venv/bin/gunicorn"), "hemoweb.wsgi:application", "-b", f"127.0.0.1:{PORT}",
-                               "-w", "4", "--threads", "4", "--timeout", "60"], cwd=REPO, env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "-w", os.environ.get("WEB_WORKERS", "3"), "--threads", "8", "--timeout", "120", "--keep-alive", "30"],
+                              cwd=REPO, env=ENV, stdout=server_log, stderr=server_log)
     worker = subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=REPO, env=ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # A training job in the background, as the issue asks (a real one, small, on the demo data).
