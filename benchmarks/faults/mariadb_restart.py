@@ -22,7 +22,7 @@ from benchmarks.common import write_result  # noqa: E402
 PORT = 8799
 DB_NAME = "hemoweb_faults"
 ENV = {**os.environ, "DB": "mysql", "DB_NAME": DB_NAME, "DB_HOST": "127.0.0.1", "DB_USER": "root",
-       "MEDIA_ROOT": "/tmp/hemoweb-faults/media", "VAR_DIR": "/tmp/hemoweb-faults/var", "DEBUG": "1"}
+       "MEDIA_ROOT": "/tmp/hemoweb-faults/media", "VAR_DIR": "/tmp/hemoweb-faults/var", "MODELS_DIR": "/tmp/hemoweb-faults/models", "DEBUG": "1"}
 
 
 def manage(*args: str) -> str:

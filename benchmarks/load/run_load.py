@@ -20,7 +20,7 @@ USERS = int(os.environ.get("USERS", 50))
 DURATION = os.environ.get("DURATION", "90s")
 DB_NAME = "hemoweb_load"
 ENV = {**os.environ, "DB": "mysql", "DB_NAME": DB_NAME, "DB_HOST": "127.0.0.1", "DB_USER": "root",
-       "MEDIA_ROOT": "/tmp/hemoweb-load/media", "VAR_DIR": "/tmp/hemoweb-load/var", "DEBUG": "0",
+       "MEDIA_ROOT": "/tmp/hemoweb-load/media", "VAR_DIR": "/tmp/hemoweb-load/var", "MODELS_DIR": "/tmp/hemoweb-load/models", "DEBUG": "0",
        "SECRET_KEY": "load-test-only-" + "x" * 40, "ALLOWED_HOSTS": "127.0.0.1,localhost", "SECURE_SSL_REDIRECT": "0",
        "API_THROTTLE_USER": "100000/min", "STATIC_ROOT": "/tmp/hemoweb-load/static", "OMP_NUM_THREADS": "1"}
 # DEBUG=0 marks cookies Secure; plain http on loopback needs them without the flag.
@@ -53,7 +53,7 @@ def main() -> None:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # A training job in the background, as the issue asks (a real one, small, on the demo data).
     trainer = subprocess.Popen([sys.executable, "manage.py", "train_tree", "--dataset", "Demo PBC", "--arch",
-                                "mobilenetv3_small_050", "--epochs", "50", "--image-size", "64", "--name", "load-test"],
+                                "mobilenetv3_small_050", "--epochs", "500", "--patience", "500", "--image-size", "64", "--name", "load-test"],
                                cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(6)
     prefix = "/tmp/hemoweb-load/locust"
