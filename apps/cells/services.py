@@ -97,7 +97,7 @@ def load_label_map(data: bytes | str | None) -> dict[str, str]:
     return {row["label"]: row["cell_type_code"] for row in rows}
 
 
-def _entries(source: ImageSource, labels_csv: bytes | str | None) -> tuple[list[tuple[str, str, dict]], list]:
+def labelled_entries(source: ImageSource, labels_csv: bytes | str | None) -> tuple[list[tuple[str, str, dict]], list]:
     """(path, raw label, extra columns) per file, plus files skipped before reading them."""
     skipped = []
     if labels_csv is not None:
@@ -166,12 +166,12 @@ def _import(source, dataset_name, labels_csv, label_map, types, limits, written,
     )
     for raw, code in label_map.items():
         LabelMapping.objects.update_or_create(dataset=dataset, raw_label=raw, defaults={"cell_type": types[code]})
-    entries, skipped = _entries(source, labels_csv)
+    entries, skipped = labelled_entries(source, labels_csv)
     report = ImportReport(dataset=dataset.name, skipped=skipped)
     seen: set[str] = set()
     pending: list[Cell] = []
     for done, (path, raw_label, extra) in enumerate(entries, 1):
-        code = _resolve_label(raw_label, label_map, types)
+        code = resolve_label(raw_label, label_map, types)
         if code is None:
             report.skipped.append((path, f"unknown label {raw_label!r}: not a tree code and not in the label map"))
             continue
@@ -229,7 +229,7 @@ def store_file(name: str, data: bytes) -> str:
         raise ImportError_(f"The image storage could not take {name}: {error.strerror or error}.") from error
 
 
-def _resolve_label(raw_label: str, label_map: dict[str, str], types: dict[str, CellType]) -> str | None:
+def resolve_label(raw_label: str, label_map: dict[str, str], types: dict[str, CellType]) -> str | None:
     """The tree code for a raw label: through the label map, else the label itself when it is a code."""
     if raw_label in label_map:
         return label_map[raw_label]

@@ -16,7 +16,7 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from apps.cells.models import Cell, CellType, Dataset
-from apps.cells.services import ImportError_, _entries, _resolve_label, load_label_map, upload_limits
+from apps.cells.services import ImportError_, labelled_entries, load_label_map, resolve_label, upload_limits
 from apps.classifiers.models import ModelSet
 from apps.classifiers.services import RegistryError, register_model_set
 from hemoweb.ml.data import assign_splits
@@ -333,10 +333,10 @@ def evaluate_source(source: Path | str, *, models: str | None = None, labels_csv
     limits = upload_limits()
     try:
         with ImageSource(source, limits) as image_source:
-            entries, skipped = _entries(image_source, labels_csv)
+            entries, skipped = labelled_entries(image_source, labels_csv)
             items, unknown = [], Counter()
             for path, raw, _ in entries:
-                code = _resolve_label(raw, label_map, types)
+                code = resolve_label(raw, label_map, types)
                 if code is None:
                     unknown[raw] += 1
                     continue
