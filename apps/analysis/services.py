@@ -33,9 +33,9 @@ from apps.cells.models import CellType
 from apps.cells.services import ImportError_, ImportReport, import_cells, upload_limits
 from apps.classifiers.models import ModelSet
 from hemoweb.ml.counts import COUNT_TARGETS, Differential, differential
-from hemoweb.ml.infer import TreeClassifier, decode_checked, input_sizes, pick_device, tree_classifier
+from hemoweb.ml.infer import TreeClassifier, input_sizes, pick_device, tree_classifier
 from hemoweb.ml.preprocess import resize_uint8
-from hemoweb.ml.sources import BadImage, ImageSource, SourceError
+from hemoweb.ml.sources import BadImage, ImageSource, SourceError, decode_checked
 from hemoweb.ml.weights import ModelFileError, read_set
 
 from .models import ClassificationRun, ClassifiedCell, Correction

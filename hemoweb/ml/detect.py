@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .infer import pick_device
 from .sources import BadImage
 from .weights import ModelFileError, mtime_cached, read_state, write_json
 
@@ -426,15 +427,12 @@ class TrainConfig:
 
 
 def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "0" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise DetectionError("--device cuda was asked for, but no CUDA GPU is available here.")
-        return "0"
-    if device != "cpu":
-        raise DetectionError(f"Unknown device {device!r}: use auto, cpu or cuda.")
-    return "cpu"
+    """pick_device in ultralytics' spelling ('0' is the first GPU)."""
+    try:
+        picked = pick_device(device)
+    except RuntimeError as error:
+        raise DetectionError(str(error)) from None
+    return "0" if picked == "cuda" else picked
 
 
 def _metrics_from(validator_metrics, classes: Sequence[str]) -> dict:
