@@ -159,21 +159,21 @@ def decision_of(classified) -> tuple[TrainedModel | None, str]:
     return model, code
 
 
+def _stored_bytes(field_file, what: str) -> bytes:
+    """A stored image read through its own handle (model instances may be shared between threads)."""
+    try:
+        with field_file.storage.open(field_file.name, "rb") as handle:
+            return handle.read()
+    except (FileNotFoundError, OSError) as error:
+        raise ExplainError(f"The image of {what} is missing from storage ({error}).") from error
+
+
 def _image_bytes(*, cell: Cell | None, upload: bytes | None, classified=None) -> tuple[bytes, str]:
-    if classified is not None:
-        try:
-            with classified.image.open("rb") as handle:
-                data = handle.read()
-        except (FileNotFoundError, OSError) as error:
-            raise ExplainError(f"The image of classified cell {classified.pk} is missing from storage.") from error
-        return data, classified.sha256 or hashlib.sha256(data).hexdigest()
-    if cell is not None:
-        try:
-            with cell.image.open("rb") as handle:
-                data = handle.read()
-        except (FileNotFoundError, OSError) as error:
-            raise ExplainError(f"The image file of cell {cell.pk} is missing from storage ({error}).") from error
-        return data, cell.sha256 or hashlib.sha256(data).hexdigest()
+    for row, what in ((classified, f"classified cell {getattr(classified, 'pk', '')}"),
+                      (cell, f"cell {getattr(cell, 'pk', '')}")):
+        if row is not None:
+            data = _stored_bytes(row.image, what)
+            return data, row.sha256 or hashlib.sha256(data).hexdigest()
     if not upload:
         raise ExplainError("Choose an image: upload one or give the id of a cell.")
     try:
