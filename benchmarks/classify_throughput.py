@@ -15,7 +15,6 @@ be compared per pass as well.
 """
 
 import argparse
-import io
 import json
 import os
 import resource
@@ -80,21 +79,28 @@ def build_random_set(folder: Path, architecture: str, size: int, deepest: bool =
                                    mode="random weights"))
 
 
-def bare_forward(architecture: str, size: int, batch: int, n_images: int) -> float:
-    """images/s of the backbone alone on ready float batches."""
+def bare_forward(architecture: str, size: int, batch: int, n_images: int, device: str = "cpu") -> float:
+    """images/s of the backbone alone on ready float batches (bf16 + channels_last on CUDA, as classification)."""
     import torch
 
     from hemoweb.ml.weights import create_model
 
-    model = create_model(architecture, 8).eval()
-    x = torch.randn(batch, 3, size, size)
-    with torch.inference_mode():
+    model = create_model(architecture, 8).eval().to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    cuda = device == "cuda"
+    if cuda:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
         model(x)
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         done = 0
         while done < n_images:
             model(x)
             done += batch
+        if cuda:
+            torch.cuda.synchronize()
         return done / (time.perf_counter() - start)
 
 
@@ -105,14 +111,20 @@ def main() -> None:
     parser.add_argument("--fast-decode", action="store_true", help="also measure JPEG draft decoding")
     parser.add_argument("--route", choices=["random", "deepest"], default="deepest",
                         help="with random weights: where the heads send cells (deepest = worst case, 4 passes)")
+    parser.add_argument("--models", type=Path, default=REPO / "models" / "default",
+                        help="model set folder (default models/default; random weights when it is missing)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--batch-decode", choices=["auto", "on", "off"], default="auto",
+                        help="JPEGs decoded in batches on the device (auto: on a GPU, with nvJPEG)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="hemoweb-bench-"))
     os.environ.update({"SQLITE_PATH": str(work / "bench.sqlite3"), "MEDIA_ROOT": str(work / "media"),
-                       "DJANGO_SETTINGS_MODULE": "hemoweb.settings", "LOG_LEVEL": "WARNING"})
-    default_set = REPO / "models" / "default"
+                       "DJANGO_SETTINGS_MODULE": "hemoweb.settings", "LOG_LEVEL": "WARNING",
+                       "CLASSIFY_DEVICE": args.device, "BATCH_DECODE": args.batch_decode})
+    default_set = args.models.resolve()
     if (default_set / "set.json").is_file():
-        os.environ["MODELS_DIR"] = str(REPO / "models")
+        os.environ["MODELS_DIR"] = str(default_set.parent)
     else:
         os.environ["MODELS_DIR"] = str(work / "models")
     import django
@@ -130,7 +142,9 @@ def main() -> None:
     call_command("migrate", verbosity=0)
     seed_cell_tree()
     if (default_set / "set.json").is_file():
-        set_folder, note = default_set, "models/default (trained weights)"
+        card = read_set(default_set)
+        layout = "one shared backbone, a head per node" if card.backbone else "one network per node"
+        set_folder, note = default_set, f"{default_set.name} (trained weights, {layout})"
     else:
         set_folder = work / "models" / "bench"
         build_random_set(set_folder, "mobilenetv3_small_100", 128, deepest=args.route == "deepest")
@@ -142,7 +156,10 @@ def main() -> None:
     architecture = card.architecture or "mobilenetv3_small_100"
 
     images = sorted(DATA.rglob("*.jpg"))
-    bare = bare_first = bare_forward(architecture, size, args.batch, 2000)
+    from hemoweb.ml.infer import pick_device
+
+    device = pick_device(args.device)
+    bare = bare_first = bare_forward(architecture, size, args.batch, 2000 if device == "cpu" else 50000, device)
     print(f"bare forward {architecture} @ {size}px batch {args.batch}: {bare:.0f} images/s", flush=True)
     runs = []
     variants = [(n, False) for n in args.sizes] + ([(min(args.sizes), True)] if args.fast_decode else [])
@@ -170,7 +187,7 @@ def main() -> None:
             "max_rss_mb_after": round(rss_after / 1024, 1), "max_rss_growth_mb": round((rss_after - rss_before) / 1024, 1),
         }
         # the machine may be shared: measure the bare rate again right after, and compare with the mean
-        bare_after = bare_forward(architecture, size, args.batch, 1000)
+        bare_after = bare_forward(architecture, size, args.batch, 1000 if device == "cpu" else 25000, device)
         result["bare_forward_before_after"] = [round(bare, 1), round(bare_after, 1)]
         result["end_to_end_vs_bare"] = round(cells / total / ((bare + bare_after) / 2), 3)
         bare = bare_after
@@ -183,14 +200,15 @@ def main() -> None:
         "benchmark": "classify_throughput", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "hardware": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                      "torch_threads": torch.get_num_threads(), "load_average_at_end": os.getloadavg(),
-                     "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0)},
+                     "device": device if device == "cpu" else torch.cuda.get_device_name(0),
+                     "batch_decode": args.batch_decode},
         "models": note, "architecture": architecture, "input_size": size, "batch": args.batch,
         "bare_forward_images_per_s": round(bare_first, 1), "runs": runs,
         "target": "end to end >= 50 % of bare forward (end_to_end_vs_bare >= 0.5)",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M")
-    out = RESULTS / f"classify_throughput-{stamp}.json"
+    out = RESULTS / f"classify_throughput-{device}-{stamp}.json"
     out.write_text(json.dumps(report, indent=2))
     lines = [f"# classify_throughput {report['date']}", "",
              f"Hardware: {report['hardware']['cpu']}, {report['hardware']['cores']} cores, torch {torch.__version__}, "

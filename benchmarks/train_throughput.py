@@ -10,7 +10,6 @@ anywhere; on a GPU use e.g. --arch mobilenetv3_large_100 --size 224 --batch 128 
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from benchmarks.common import cpu_model  # noqa: E402
 
 from hemoweb.ml.data import NodeSet, decode_cache  # noqa: E402
 from hemoweb.ml.infer import pick_device  # noqa: E402
-from hemoweb.ml.train import Progress, TrainConfig, train_node  # noqa: E402
+from hemoweb.ml.train import Progress, TrainConfig, train_heads  # noqa: E402
 from hemoweb.ml.weights import create_model  # noqa: E402
 
 
@@ -72,7 +71,7 @@ def hemoweb_loop(arch: str, size: int, batch: int, steps: int, device: torch.dev
 
     config = TrainConfig(architecture=arch, epochs=1, image_size=size, batch_size=batch, augment=augment,
                          max_steps_per_epoch=warmup + steps, device=str(device))
-    train_node(node_set, cache, config, device, callback=on_step)
+    train_heads([node_set], cache, config, device, label="ROOT", callback=on_step)
     return steps * batch / (times[-1] - times[warmup - 1])
 
 

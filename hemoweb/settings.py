@@ -227,6 +227,10 @@ HEMOWEB_ZIP_MAX_RATIO = env_int("ZIP_MAX_RATIO", 200)
 HEMOWEB_ZIP_MAX_ENTRY_BYTES = env_int("ZIP_MAX_ENTRY_BYTES", 64 * 1024 * 1024)
 # Classification: uploads with more files than this run as a background job.
 HEMOWEB_CLASSIFY_SYNC_MAX = env_int("CLASSIFY_SYNC_MAX", 300)
+# Where classification and explanation run: auto = a CUDA GPU when present, else cpu.
+HEMOWEB_DEVICE = env_str("CLASSIFY_DEVICE", "auto")
+# Decode JPEGs in batches on the classifier's device: auto = on a GPU (nvJPEG), on | off to force.
+HEMOWEB_BATCH_DECODE = env_str("BATCH_DECODE", "auto")
 # Files decoded and stored per chunk (0: the built-in 256); a run's heartbeat is renewed after each chunk.
 HEMOWEB_CLASSIFY_CHUNK = env_int("CLASSIFY_CHUNK", 0)
 # A running classification whose worker has not reported for this long is taken as lost (killed worker).
@@ -291,6 +295,8 @@ else:
     Q_CLUSTER["orm"] = "default"
 # Training runs on its own queue so that short jobs never wait behind it.
 HEMOWEB_TRAINING_CLUSTER = env_str("TRAINING_CLUSTER", "hemoweb-training")
+# CPU niceness of training jobs (0-19): on a shared machine they yield to web requests and short jobs.
+HEMOWEB_TRAINING_NICE = env_int("TRAINING_NICE", 10)
 # Its worker: `Q_CLUSTER_NAME=hemoweb-training python manage.py qcluster` (one worker: one job per GPU at a time).
 Q_CLUSTER["ALT_CLUSTERS"] = {HEMOWEB_TRAINING_CLUSTER: {"workers": env_int("TRAINING_WORKERS", 1)}}
 # A running job whose worker has not reported for this long is taken as lost (killed worker).

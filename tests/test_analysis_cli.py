@@ -2,7 +2,6 @@
 
 import csv
 import io
-import zipfile
 
 import pytest
 from django.core.management import CommandError, call_command

@@ -6,6 +6,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from django.core.files.uploadedfile import SimpleUploadedFile
 from PIL import Image
 
@@ -159,7 +160,9 @@ def test_a_failure_midway_marks_the_run_failed_and_keeps_the_cells_done(tiny_mod
 # --- bad input -------------------------------------------------------------------------------------
 
 
-def test_non_images_and_truncated_files_are_skipped_with_a_reason(tiny_model_set, lab_user):
+@pytest.mark.parametrize("batch_decode", ["off", "on"])
+def test_non_images_and_truncated_files_are_skipped_with_a_reason(tiny_model_set, lab_user, settings, batch_decode):
+    settings.HEMOWEB_BATCH_DECODE = batch_decode  # "on": the GPU path (torchvision batch decoding) run on the CPU
     jpeg = (DEMO_PBC / "basophil").glob("*.jpg").__next__().read_bytes()
     run = services.start_run(owner=lab_user, files=[upload(demo_zip(1, extra={
         "notes.txt": b"patient list", "fake.jpg": b"MZ\x90\x00 not a picture", "cut.jpg": jpeg[: len(jpeg) // 2],
@@ -309,3 +312,36 @@ def test_cells_resized_at_decode_give_the_same_predictions_as_pil_images(tiny_se
     assert [p.as_dict() for p in from_pil] == [p.as_dict() for p in from_tensors]
     with pytest.raises(ValueError, match="pre-resized"):
         classifier.classify([resize_uint8(images[0], 48)])
+
+
+def test_batch_decoding_on_the_device_classifies_like_pil_decoding(tiny_model_set, lab_user, settings):
+    """The GPU path (JPEGs decoded together by torchvision, resized as tensors), run here on the CPU."""
+    settings.HEMOWEB_BATCH_DECODE = "off"
+    pil = services.start_run(owner=lab_user, files=[upload(demo_zip(3))])
+    settings.HEMOWEB_BATCH_DECODE = "on"
+    batched = services.start_run(owner=lab_user, files=[upload(demo_zip(3))])
+    assert pil.status == batched.status == ClassificationRun.Status.SUCCEEDED
+    rows = [list(run.cells.order_by("index").values_list("original_name", "predicted_type__code", "width", "height"))
+            for run in (pil, batched)]
+    assert rows[0] == rows[1] and len(rows[0]) == 24
+    confidences = [list(run.cells.order_by("index").values_list("confidence", flat=True)) for run in (pil, batched)]
+    assert max(abs(a - b) for a, b in zip(*confidences, strict=True)) < 0.1  # resampling differs by < 1 grey level
+
+
+def test_batch_decoder_checks_every_file_like_the_cpu_decoder():
+    from hemoweb.ml.preprocess import decode_resized_batch, resize_uint8
+    from hemoweb.ml.sources import BadImage, decode_checked
+
+    jpegs = [path.read_bytes() for path in demo_images(1)[:3]]
+    png = io.BytesIO()
+    Image.open(demo_images(1)[0]).save(png, "PNG")
+    results = decode_resized_batch([jpegs[0], b"not an image", jpegs[1][:4000], png.getvalue(), jpegs[2]], 32,
+                                   max_pixels=10_000_000)
+    assert [type(r).__name__ for r in results] == ["tuple", "BadImage", "BadImage", "tuple", "tuple"]
+    assert "truncated" in str(results[2])
+    tensor, fmt, width, height = results[0]
+    assert (tuple(tensor.shape), tensor.dtype, fmt, (width, height)) == ((3, 32, 32), torch.uint8, "JPEG", (360, 363))
+    reference = resize_uint8(decode_checked(jpegs[0])[0], 32)
+    assert (tensor.float() - reference.float()).abs().mean() < 1.0
+    assert results[3][1] == "PNG" and results[3][0].shape == (3, 32, 32)
+    assert isinstance(decode_resized_batch([jpegs[0]], 32, max_pixels=1000)[0], BadImage)  # pixel limit first

@@ -118,7 +118,7 @@ def test_evaluate_command_reports_map_per_class(tmp_path, detector):
 
 def test_setup_demo_imports_the_demo_smears_and_installs_the_shipped_detector(settings, tree):
     from apps.detection.models import DetectionDataset
-    from apps.detection.services import DEFAULT_DETECTOR, install_shipped_detector, setup_demo_detection
+    from apps.detection.services import install_shipped_detector, setup_demo_detection
 
     lines = setup_demo_detection(DEMO / "bccd")
     assert DetectionDataset.objects.get(name="Demo BCCD").images.count() == 10 and "Demo BCCD" in lines[0]

@@ -1,5 +1,9 @@
 """Detector training as a job row: progress per epoch, a registered detector at the end, cancellation half-way."""
 
+import os
+import socket
+import subprocess
+
 import pytest
 import torch
 
@@ -24,6 +28,7 @@ def test_training_job_records_progress_and_registers_the_detector(demo_detection
     job.refresh_from_db()
     assert job.status == "done", job.error
     assert (job.epoch, job.epochs_total, job.progress) == (1, 1, 100)
+    assert job.worker_pid == os.getpid() and job.heartbeat is not None  # who trains it, and that it is alive
     assert {"map50", "map50_95", "per_class", "precision", "recall"} <= set(job.metrics)
     detector = job.detector
     assert detector.path.is_file() and detector.path.is_relative_to(settings.MODELS_DIR)
@@ -87,3 +92,23 @@ def test_lab_staff_cannot_train(lab_client, demo_detection_dataset):
     response = lab_client.post("/detection/train/", {"dataset": demo_detection_dataset.pk, "epochs": 1, "imgsz": 64})
     assert response.status_code in (302, 403)
     assert not DetectorTrainingJob.objects.exists()
+
+
+def test_a_training_whose_worker_died_is_failed_and_a_live_one_is_left_alone(demo_detection_dataset):
+    dead = subprocess.Popen(["sleep", "60"])
+    dead.kill()
+    dead.wait()  # killed and reaped: its pid names no process
+    host = socket.gethostname()
+    lost = services.start_training(dataset=demo_detection_dataset, epochs=5, imgsz=64, device="cpu", queue=False)
+    alive = services.start_training(dataset=demo_detection_dataset, epochs=5, imgsz=64, device="cpu", queue=False,
+                                    name="alive")
+    DetectorTrainingJob.objects.filter(pk=lost.pk).update(status="running", epoch=2, epochs_total=5,
+                                                          worker_host=host, worker_pid=dead.pid)
+    DetectorTrainingJob.objects.filter(pk=alive.pk).update(status="running", worker_host=host, worker_pid=os.getpid())
+    assert [job.pk for job in services.detect_lost_training_jobs()] == [lost.pk]
+    lost.refresh_from_db()
+    alive.refresh_from_db()
+    assert lost.status == "failed" and lost.finished is not None
+    assert f"worker process {dead.pid}" in lost.error and "after 2 of 5 epochs" in lost.error
+    assert "No model was saved" in lost.error
+    assert alive.status == "running"

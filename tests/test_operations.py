@@ -132,3 +132,26 @@ def test_tree_and_label_changes_are_audited(curator_client, curator, pbc_dataset
     changes = Cell.history.filter(id__in=ids, history_type="~")
     assert changes.count() == 2 and {c.history_user for c in changes} == {curator}
     assert curator_client.get(f"/admin/cells/cell/{ids[0]}/history/").status_code == 200
+
+
+def test_lower_priority_sets_every_thread_of_the_process_and_never_raises_priority():
+    """Run in a child process: the niceness it sets would otherwise stay with the test process."""
+    if os.getpriority(os.PRIO_PROCESS, 0) > 16:
+        pytest.skip("this process runs at a niceness too close to the maximum (19) to raise it by 3")
+    script = (
+        "import os, threading, time, django\n"
+        "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'hemoweb.settings'); django.setup()\n"
+        "from apps.operations.workers import lower_priority\n"
+        "ready, stop, seen = threading.Event(), threading.Event(), []\n"
+        "def pool_thread():\n"
+        "    seen.append(threading.get_native_id()); ready.set(); stop.wait()\n"
+        "t = threading.Thread(target=pool_thread); t.start(); ready.wait()\n"
+        "base = os.getpriority(os.PRIO_PROCESS, 0)\n"  # inherited (tests that train renice this process)
+        "first = lower_priority(base + 3)\n"
+        "again = lower_priority(base + 1)\n"  # asking for less niceness changes nothing
+        "print(first - base, again - base, os.getpriority(os.PRIO_PROCESS, seen[0]) - base)\n"
+        "stop.set(); t.join()\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["3", "3", "3"]

@@ -146,3 +146,80 @@ def test_half_precision_weights_halve_the_size_and_predict_the_same(trained_set,
     full = TreeClassifier(folder, CellTree.default()).classify(images)
     half = TreeClassifier(copy, CellTree.default()).classify(images)
     assert [p.code for p in full] == [p.code for p in half]
+
+
+@pytest.fixture(scope="module")
+def shared_set(tmp_path_factory):
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parent.parent / "demo" / "pbc"
+    folder = tmp_path_factory.mktemp("sets") / "shared"
+    events = []
+    card = train_tree(CellTree.default(), demo_cells(demo), TrainConfig(**TINY, shared_backbone=True), folder,
+                      name="shared", callback=events.append)
+    return folder, card, events
+
+
+def test_shared_backbone_trains_every_node_in_one_run_with_one_backbone_file(shared_set):
+    from safetensors.torch import load_file
+
+    folder, card, events = shared_set
+    assert card.backbone == "backbone.safetensors" and set(card.nodes) == {"ROOT", "MYE", "MYI", "MYM", "NEU"}
+    steps = [e for e in events if e.kind == "step"]
+    assert {e.node for e in steps} == {"shared"} and steps[0].node_count == 1
+    root = read_card(folder / "ROOT.safetensors")
+    assert root.backbone == "backbone.safetensors" and root.classes == ["ERY", "LYM", "MYE", "MEG"]
+    assert set(load_file(str(folder / "ROOT.safetensors"))) == {"weight", "bias"}  # the head only
+    assert len(root.metrics["history"]) == 2 and root.metrics["test"]["n"] > 0
+    assert {e.node for e in events if e.kind == "node"} == set(card.nodes)
+    assert not (folder / "checkpoints" / "shared.safetensors").exists()
+
+
+def test_shared_set_classifies_like_its_nodes_whole_models(shared_set, demo_pbc):
+    """The tree runs heads on features computed once; each node rebuilt as a whole timm model agrees."""
+    from hemoweb.ml.preprocess import batch_for
+    from hemoweb.ml.weights import load_model
+
+    folder, _, _ = shared_set
+    images = [Image.open(path).convert("RGB") for path in sorted(demo_pbc.glob("*/*.jpg"))[::9]]
+    classifier = TreeClassifier(folder, CellTree.default())
+    predictions = classifier.classify(images, batch_size=8)
+    assert all(p.path and p.path[0].node == "ROOT" for p in predictions)
+    root, card = load_model(folder / "ROOT.safetensors")
+    with torch.inference_mode():
+        whole = root(batch_for(images, card)).softmax(dim=1)
+    for prediction, probabilities in zip(predictions, whole, strict=True):
+        step = prediction.path[0]
+        assert step.code == card.classes[int(probabilities.argmax())]
+        assert step.probability == pytest.approx(float(probabilities.max()), abs=1e-4)
+
+
+def test_shared_run_resumes_from_its_checkpoint(tmp_path, demo_pbc):
+    cells = demo_cells(demo_pbc)
+    folder = tmp_path / "set"
+    config = TrainConfig(**{**TINY, "epochs": 3, "shared_backbone": True})
+
+    def cancel_after_first_epoch(event):
+        if event.kind == "epoch" and event.epoch == 1:
+            raise TrainingCancelled()
+
+    with pytest.raises(TrainingCancelled):
+        train_tree(CellTree.default(), cells, config, folder, callback=cancel_after_first_epoch)
+    assert json.loads((folder / "checkpoints" / "shared.json").read_text())["epoch"] == 1
+    assert not (folder / "set.json").exists() and not (folder / "ROOT.safetensors").exists()
+    messages = []
+    train_tree(CellTree.default(), cells, config, folder, callback=lambda e: messages.append(e.message))
+    assert any("resumed after epoch 1" in m for m in messages)
+    assert [h["epoch"] for h in read_card(folder / "NEU.safetensors").metrics["history"]] == [1, 2, 3]
+
+
+def test_a_shared_set_without_its_backbone_file_is_a_clear_error(shared_set, tmp_path, demo_pbc):
+    import shutil
+
+    from hemoweb.ml.weights import ModelFileError
+
+    copy = tmp_path / "broken"
+    shutil.copytree(shared_set[0], copy)
+    (copy / "backbone.safetensors").unlink()
+    with pytest.raises(ModelFileError, match="backbone.safetensors"):
+        TreeClassifier(copy, CellTree.default()).check()

@@ -112,6 +112,7 @@ def test_a_training_job_runs_on_a_real_training_qcluster(shared_db, pbc_dataset,
     job.refresh_from_db()
     assert job.status == TrainingJob.Status.SUCCEEDED, job.error + (tmp_path / "qcluster.log").read_text()[-3000:]
     assert job.worker_pid and job.worker_pid != os.getpid()
+    assert f"CPU niceness {settings.HEMOWEB_TRAINING_NICE}" in job.log  # training yields the CPU to web requests
     assert job.result.name == "queued set" and (job.result.path / "ROOT.safetensors").is_file()
     assert Task.objects.filter(name=f"training-job-{job.pk}", success=True).exists()
     assert not OrmQ.objects.exists()

@@ -6,6 +6,8 @@ from django.conf import settings
 from django.db import models, transaction
 from django.utils import timezone
 
+from apps.operations.workers import WorkerFields, this_worker
+
 
 class DetectionDataset(models.Model):
     """Whole smear images with a box around every annotated cell."""
@@ -97,7 +99,9 @@ class Detector(models.Model):
         self.is_active = True
 
 
-class DetectorTrainingJob(models.Model):
+class DetectorTrainingJob(WorkerFields):
+    """A detector training: records its worker (host, pid, heartbeat per batch) so that a killed one is found."""
+
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
         RUNNING = "running", "Running"
@@ -145,10 +149,10 @@ class DetectorTrainingJob(models.Model):
         DetectorTrainingJob.objects.filter(pk=self.pk).update(**fields)
 
     def mark_running(self) -> None:
-        self._set(status=self.Status.RUNNING, started=timezone.now(), epochs_total=self.epochs)
+        self._set(status=self.Status.RUNNING, started=timezone.now(), epochs_total=self.epochs, **this_worker())
 
     def record_epoch(self, epoch: int, total: int, metrics: dict) -> None:
-        self._set(epoch=epoch, epochs_total=total, metrics=metrics)
+        self._set(epoch=epoch, epochs_total=total, metrics=metrics, heartbeat=timezone.now())
 
     def mark_done(self, detector: Detector, metrics: dict) -> None:
         self._set(status=self.Status.DONE, detector=detector, metrics=metrics, finished=timezone.now())
@@ -163,3 +167,10 @@ class DetectorTrainingJob(models.Model):
 
     def cancel_was_requested(self) -> bool:
         return DetectorTrainingJob.objects.filter(pk=self.pk, cancel_requested=True).exists()
+
+    def alive_unless_cancelled(self) -> bool:
+        """Called after every batch: renews the heartbeat (every few seconds) and says whether to stop."""
+        now = timezone.now()
+        if self.heartbeat is None or (now - self.heartbeat).total_seconds() >= 5:
+            self._set(heartbeat=now)
+        return self.cancel_was_requested()

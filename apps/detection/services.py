@@ -13,7 +13,9 @@ from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import transaction
+from django.utils import timezone
 
+from apps.operations.workers import lower_priority
 from hemoweb.ml import detect as ml
 from hemoweb.ml.sources import BadImage, ImageSource, SourceError
 from hemoweb.ml.weights import ModelFileError
@@ -344,6 +346,7 @@ def run_training(job: DetectorTrainingJob) -> DetectorTrainingJob:
         job.mark_cancelled()
         return job
     job.mark_running()
+    lower_priority(settings.HEMOWEB_TRAINING_NICE)
     config = ml.TrainConfig(architecture=job.architecture, epochs=job.epochs, imgsz=job.imgsz, device=job.device,
                             train_splits=("train",), val_split="val")
     name = _unique_detector_name(job.name)
@@ -351,7 +354,7 @@ def run_training(job: DetectorTrainingJob) -> DetectorTrainingJob:
     try:
         images = dataset_annotations(job.dataset)
         _, card = ml.train_detector(images, job.dataset.classes, output, config, Path(settings.VAR_DIR) / "detector-runs",
-                                    progress=job.record_epoch, should_stop=job.cancel_was_requested)
+                                    progress=job.record_epoch, should_stop=job.alive_unless_cancelled)
     except ml.TrainingCancelled:
         shutil.rmtree(output.parent, ignore_errors=True)
         job.mark_cancelled()
@@ -364,6 +367,22 @@ def run_training(job: DetectorTrainingJob) -> DetectorTrainingJob:
     detector = register_detector(output, name=name, activate=job.activate)
     job.mark_done(detector, card.metrics.get("val") or {})
     return job
+
+
+def detect_lost_training_jobs() -> list[DetectorTrainingJob]:
+    """Fail running detector trainings whose worker is gone (dead process on this host, or silent too long)."""
+    lost = []
+    for job in DetectorTrainingJob.objects.filter(status=DetectorTrainingJob.Status.RUNNING):
+        if not job.is_lost(settings.HEMOWEB_TRAINING_STALE_SECONDS):
+            continue
+        error = (f"{job.worker_label[0].upper()}{job.worker_label[1:]} running this training stopped after "
+                 f"{job.epoch} of {job.epochs_total or job.epochs} epochs (it was killed or its machine restarted). "
+                 "No model was saved or activated; start the training again.")
+        if DetectorTrainingJob.objects.filter(pk=job.pk, status=DetectorTrainingJob.Status.RUNNING).update(
+                status=DetectorTrainingJob.Status.FAILED, error=error, finished=timezone.now()):
+            log.warning("detector training job %s: %s", job.pk, error)
+            lost.append(job)
+    return lost
 
 
 def cancel_training(job: DetectorTrainingJob) -> DetectorTrainingJob:

@@ -7,7 +7,8 @@ from hemoweb.ml.detect import class_colour
 
 from .forms import DetectForm, TrainDetectorForm
 from .models import Detector, DetectorTrainingJob
-from .services import DetectionInputError, cancel_training, data_uri, detect_image, image_data_uri, start_training
+from .services import (DetectionInputError, cancel_training, data_uri, detect_image, detect_lost_training_jobs,
+                       image_data_uri, start_training)
 
 PREVIEW_SIDE = 1600
 
@@ -16,6 +17,7 @@ def _context(request, **extra) -> dict:
     context = {"form": DetectForm(), "detectors": Detector.objects.all(), "active": Detector.objects.active(),
                "is_curator": is_curator(request.user)}
     if context["is_curator"]:
+        detect_lost_training_jobs()
         context["train_form"] = TrainDetectorForm()
         context["jobs"] = list(DetectorTrainingJob.objects.select_related("dataset", "detector")[:10])
         context["polling"] = any(not job.finished_state for job in context["jobs"])

@@ -29,6 +29,27 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def lower_priority(niceness: int) -> int:
+    """Run this process, all its threads included, at CPU niceness `niceness` (never raising its priority).
+
+    Background work (training) calls it so that web requests and short jobs on the same machine keep
+    the CPU when they need it; an idle machine still gives the training all of it. Linux keeps a nice
+    value per thread, and thread pools (OpenMP, decoding) may already exist: each thread is set.
+    Returns the niceness now in effect for the calling thread.
+    """
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]
+    for tid in threads:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
+                os.setpriority(os.PRIO_PROCESS, tid, niceness)
+        except OSError:  # a thread that just ended, or a platform without per-thread priorities
+            continue
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
 def this_worker() -> dict:
     """The fields that name the current process as a row's worker, with a fresh heartbeat."""
     return {"worker_host": socket.gethostname(), "worker_pid": os.getpid(), "heartbeat": timezone.now()}

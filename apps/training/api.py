@@ -31,6 +31,8 @@ class StartTrainingSerializer(serializers.Serializer):
     batch_size = serializers.IntegerField(min_value=2, max_value=1024, default=64)
     device = serializers.ChoiceField(choices=("auto", "cpu", "cuda"), default="auto")
     nodes = serializers.ListField(child=serializers.CharField(max_length=16), required=False)
+    shared_backbone = serializers.BooleanField(
+        default=False, help_text="One backbone with a head per node: one network pass per cell for the whole tree.")
     activate = serializers.BooleanField(default=False)
 
 

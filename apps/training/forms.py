@@ -21,6 +21,10 @@ class TrainingForm(forms.Form):
     device = forms.ChoiceField(choices=[("auto", "auto (GPU when present)"), ("cpu", "CPU"), ("cuda", "GPU")])
     nodes = forms.MultipleChoiceField(required=False, help_text="Leave empty to train every node that has data.",
                                       widget=forms.CheckboxSelectMultiple)
+    shared_backbone = forms.BooleanField(
+        required=False, label="Shared backbone",
+        help_text="One network with a head per node, trained together: a cell costs one pass through the "
+                  "network for the whole tree (faster training and classification, especially on CPU).")
     activate = forms.BooleanField(required=False, help_text="Make the new set the active one when it succeeds.")
 
     def __init__(self, *args, **kwargs):

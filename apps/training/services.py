@@ -19,6 +19,7 @@ from apps.cells.models import Cell, CellType, Dataset
 from apps.cells.services import ImportError_, labelled_entries, load_label_map, resolve_label, upload_limits
 from apps.classifiers.models import ModelSet
 from apps.classifiers.services import RegistryError, register_model_set
+from apps.operations.workers import lower_priority
 from hemoweb.ml.data import assign_splits
 from hemoweb.ml.evaluate import evaluate_tree
 from hemoweb.ml.infer import TreeClassifier, pick_device
@@ -171,7 +172,8 @@ def run_training_job(job_id: int, *, echo: Callable[[str], None] | None = None) 
         log.info("training job %s is %s, not queued: nothing to do", job_id, job.status)
         return job
     job.mark_running()
-    job.append_log(f"running on {job.worker_host} (pid {job.worker_pid})")
+    niceness = lower_priority(settings.HEMOWEB_TRAINING_NICE)
+    job.append_log(f"running on {job.worker_host} (pid {job.worker_pid}, CPU niceness {niceness})")
     job.save()
     recorder = _Recorder(job, echo)
     try:
@@ -366,10 +368,14 @@ def _source_loader(source: ImageSource, path: str, max_pixels: int):
 
 
 def comparison_table() -> dict:
-    """Rows: tree nodes and 'all'; columns: architecture × mode (latest set of each); cells: accuracy, macro-F1."""
+    """Rows: tree nodes and 'all'; columns: architecture × mode (latest set of each); cells: accuracy, macro-F1.
+
+    A set whose nodes share one backbone is its own column ("pretrained_aug, shared backbone").
+    """
     columns: dict[tuple[str, str], ModelSet] = {}
     for model_set in ModelSet.objects.order_by("created"):
-        columns[(model_set.architecture, model_set.mode)] = model_set
+        shared = ", shared backbone" if (model_set.card or {}).get("backbone") else ""
+        columns[(model_set.architecture, model_set.mode + shared)] = model_set
     keys = sorted(columns)
     order = list(CellType.objects.values_list("code", flat=True))
     nodes = sorted({node for s in columns.values() for node in s.metrics.get("nodes", {})},
@@ -392,6 +398,7 @@ def job_params_from_form(data: dict) -> dict:
     if data.get("nodes"):
         params["nodes"] = list(data["nodes"])
     params["activate"] = bool(data.get("activate"))
+    params["shared_backbone"] = bool(data.get("shared_backbone"))
     return params
 
 

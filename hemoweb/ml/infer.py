@@ -1,6 +1,8 @@
 """Hierarchical inference: every cell through ROOT, then each subset through the next node's classifier.
 
-Batched per node (never one image at a time); models come from the per-process cache. A cell whose
+Batched per node (never one image at a time); models come from the per-process cache. In a set with
+a shared backbone, every cell goes through the backbone once and the nodes are heads on its features,
+so the tree costs one network pass per cell whatever its depth. A cell whose
 top probability at a node is below that node's threshold stops there ("Myeloid, unresolved") and is
 flagged for review; blasts and the abnormal branch are always flagged.
 """
@@ -15,7 +17,7 @@ from PIL import Image
 
 from .preprocess import normalize, resize_uint8
 from .tree import CellTree
-from .weights import ModelCard, cached_model, read_set
+from .weights import ModelCard, cached_model, load_backbone, load_head, read_set
 
 ALWAYS_FLAG = ("BLA", "ABN")  # codes whose cells (and descendants) always go to a human
 
@@ -69,16 +71,30 @@ class TreeClassifier:
         self.node_files = {node: self.folder / name for node, name in self.set_card.nodes.items()}
         self._thresholds = thresholds or {}
 
+    @property
+    def shared(self) -> bool:
+        return bool(self.set_card.backbone)
+
     def model(self, node: str) -> tuple[torch.nn.Module, ModelCard]:
+        """The node's whole classifier (images → logits), whichever way the set stores it."""
         return cached_model(self.node_files[node], self.device)
+
+    def part(self, node: str) -> tuple[torch.nn.Module, ModelCard]:
+        """What classify runs for a node: its whole model, or only its head on the shared backbone's features."""
+        return cached_model(self.node_files[node], self.device, load_head if self.shared else None)
+
+    def backbone(self) -> tuple[torch.nn.Module, ModelCard]:
+        return cached_model(self.folder / self.set_card.backbone, self.device, load_backbone)
 
     def threshold(self, node: str, card: ModelCard) -> float:
         return self._thresholds.get(node, card.threshold)
 
     def check(self) -> None:
         """Load every node model now, so that a missing or damaged file fails before any work."""
+        if self.shared:
+            self.backbone()
         for node in self.node_files:
-            self.model(node)
+            self.part(node)
 
     @torch.inference_mode()
     def classify(self, images: Sequence[Image.Image | torch.Tensor], batch_size: int = 64) -> list[TreePrediction]:
@@ -86,19 +102,25 @@ class TreeClassifier:
         predictions = [TreePrediction(code=self.tree.root) for _ in images]
         pending = {self.tree.root: list(range(len(images)))} if self.tree.root in self.node_files else {}
         resized: dict[int, dict[int, torch.Tensor]] = {}  # input size -> image index -> uint8 tensor
+        features = self._features(images, batch_size) if pending and self.shared else None
         while pending:
             node, indices = next(iter(pending.items()))
             del pending[node]
-            model, card = self.model(node)
+            model, card = self.part(node)
             by_index = resized.setdefault(card.input_size, {})
-            for index in indices:
-                if index not in by_index:
-                    by_index[index] = _at_size(images[index], card)
+            if features is None:
+                for index in indices:
+                    if index not in by_index:
+                        by_index[index] = _at_size(images[index], card)
             threshold = self.threshold(node, card)
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start:start + batch_size]
-                batch = normalize(torch.stack([by_index[i] for i in chunk]).to(self.device), card.mean, card.std)
-                probabilities = self._forward(model, batch).softmax(dim=1).float().cpu()
+                if features is None:
+                    batch = normalize(torch.stack([by_index[i] for i in chunk]).to(self.device), card.mean, card.std)
+                    logits = self._forward(model, batch)
+                else:
+                    logits = model(features[chunk])
+                probabilities = logits.softmax(dim=1).float().cpu()
                 best_p, best_i = probabilities.max(dim=1)
                 for index, p, i in zip(chunk, best_p.tolist(), best_i.tolist(), strict=True):
                     code = card.classes[i]
@@ -114,6 +136,15 @@ class TreeClassifier:
         for prediction in predictions:
             self._finish(prediction)
         return predictions
+
+    def _features(self, images: Sequence[Image.Image | torch.Tensor], batch_size: int) -> torch.Tensor:
+        """The shared backbone's pooled features of every image, (N, D) float on the device."""
+        backbone, card = self.backbone()
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            stacked = torch.stack([_at_size(image, card) for image in images[start:start + batch_size]])
+            chunks.append(self._forward(backbone, normalize(stacked.to(self.device), card.mean, card.std)).float())
+        return torch.cat(chunks)
 
     def _forward(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -143,8 +174,11 @@ def _at_size(item: "Image.Image | torch.Tensor", card: ModelCard) -> torch.Tenso
 
 def input_sizes(classifier: "TreeClassifier") -> set[tuple[int, str]]:
     """The (input size, interpolation) pairs the set's node models need: one pair allows resizing at decode."""
+    if classifier.shared:
+        card = classifier.backbone()[1]
+        return {(card.input_size, card.interpolation)}
     return {(card.input_size, card.interpolation)
-            for card in (classifier.model(node)[1] for node in classifier.node_files)}
+            for card in (classifier.part(node)[1] for node in classifier.node_files)}
 
 
 _classifiers: dict[tuple, TreeClassifier] = {}

@@ -1,9 +1,13 @@
 """Turning decoded cell images into model input, the same way for training, inference and explanation."""
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from .sources import BadImage, Limits, decode_checked, read_header
 from .weights import ModelCard
 
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -26,3 +30,59 @@ def batch_for(images: list[Image.Image], card: ModelCard) -> torch.Tensor:
     """Decoded images → one normalised float batch at the card's input size."""
     stacked = torch.stack([resize_uint8(image, card.input_size, card.interpolation) for image in images])
     return normalize(stacked, card.mean, card.std)
+
+
+def decode_resized_batch(datas: Sequence[bytes], size: int, interpolation: str = "bilinear",
+                         device: str | torch.device = "cpu", max_pixels: int = Limits.max_pixels,
+                         ) -> list[tuple[torch.Tensor, str, int, int] | BadImage]:
+    """Image bytes → uint8 (3, size, size) tensors on `device`, JPEGs decoded together there.
+
+    On a GPU torchvision hands the JPEGs to nvJPEG in one batch and they are resized on the GPU, so the
+    CPU only reads headers. Every file's header is checked first (format, pixel limit) as on the CPU path;
+    a JPEG without its end marker (truncated), other formats, and a batch the decoder rejects go through
+    decode_checked one by one, so each image gets the same checks and the same reasons. Per file: the
+    tensor with (format, width, height), or the BadImage that says why it was skipped.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    results: list = [None] * len(datas)
+    batch: list[int] = []
+    for i, data in enumerate(datas):
+        try:
+            image, fmt, width, height = read_header(data, max_pixels)
+        except BadImage as error:
+            results[i] = error
+            continue
+        if fmt == "JPEG" and image.mode in ("RGB", "L") and data.rstrip(b"\0").endswith(b"\xff\xd9"):
+            batch.append(i)
+            results[i] = (None, fmt, width, height)
+        else:
+            results[i] = _decode_one(data, size, interpolation, device, max_pixels)
+    decoded = []
+    if batch:
+        try:
+            decoded = decode_jpeg([torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in batch],
+                                  mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one damaged file fails the whole batch: each file on its own, with its reason
+            for i in batch:
+                results[i] = _decode_one(datas[i], size, interpolation, device, max_pixels)
+            batch = []
+    by_shape: dict[tuple, list[int]] = {}
+    for position, i in enumerate(batch):
+        by_shape.setdefault(tuple(decoded[position].shape), []).append(position)
+    for positions in by_shape.values():  # one resize per image size (a dataset's cells usually share one)
+        stacked = torch.stack([decoded[p] for p in positions]).float()
+        resized = F.interpolate(stacked, size=(size, size), mode=interpolation, antialias=True, align_corners=False)
+        resized = resized.round_().clamp_(0, 255).to(torch.uint8)
+        for tensor, p in zip(resized, positions, strict=True):
+            i = batch[p]
+            results[i] = (tensor, *results[i][1:])
+    return results
+
+
+def _decode_one(data: bytes, size: int, interpolation: str, device, max_pixels: int):
+    try:
+        image, fmt, width, height = decode_checked(data, max_pixels)
+    except BadImage as error:
+        return error
+    return resize_uint8(image, size, interpolation).to(device), fmt, width, height

@@ -149,36 +149,49 @@ class ImageInfo:
     height: int
 
 
-def decode_checked(data: bytes, max_pixels: int = Limits.max_pixels,
-                   draft_size: int = 0) -> tuple[Image.Image, str, int, int]:
-    """Check and decode image bytes in one pass, without trusting them: (RGB image, format, width, height).
+def read_header(data: bytes, max_pixels: int = Limits.max_pixels) -> tuple[Image.Image, str, int, int]:
+    """Open image bytes without decoding the pixels: (lazy image, format, width, height), checked.
 
-    Known formats only, the pixel limit checked from the header before decoding, truncation caught by a
-    full decode; BadImage with the reason otherwise. With `draft_size`, a JPEG is decoded by the codec at
-    the smallest DCT scale that still covers draft_size × draft_size (2–4× faster for small model inputs).
+    Known formats only and the pixel limit checked from the header (no decompression bombs); BadImage
+    with the reason otherwise.
     """
     if not data:
         raise BadImage("the file is empty")
     try:
         image = Image.open(io.BytesIO(data))
-        fmt, (width, height) = image.format, image.size
-        if fmt not in IMAGE_FORMATS:
-            raise BadImage(f"unsupported image format {fmt}")
-        if width * height > max_pixels:
-            raise BadImage(f"the image is {width}×{height} pixels, over the limit of {max_pixels} pixels")
-        if draft_size and fmt in ("JPEG", "MPO"):
-            image.draft("RGB", (draft_size, draft_size))
-        image.load()  # decodes fully: a truncated file fails here
-        rgb = image.convert("RGB")
-    except BadImage:
-        raise
     except UnidentifiedImageError:
         raise BadImage("not an image (the content is not a known image format)") from None
     except Image.DecompressionBombError as error:
         raise BadImage(f"the image is too large to decode safely ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise BadImage(f"the image is damaged or truncated ({error})") from None
-    return rgb, ("JPEG" if fmt == "MPO" else fmt), width, height
+    fmt, (width, height) = image.format, image.size
+    if fmt not in IMAGE_FORMATS:
+        raise BadImage(f"unsupported image format {fmt}")
+    if width * height > max_pixels:
+        raise BadImage(f"the image is {width}×{height} pixels, over the limit of {max_pixels} pixels")
+    return image, ("JPEG" if fmt == "MPO" else fmt), width, height
+
+
+def decode_checked(data: bytes, max_pixels: int = Limits.max_pixels,
+                   draft_size: int = 0) -> tuple[Image.Image, str, int, int]:
+    """Check and decode image bytes in one pass, without trusting them: (RGB image, format, width, height).
+
+    The header is checked first (read_header); truncation is caught by a full decode. With `draft_size`,
+    a JPEG is decoded by the codec at the smallest DCT scale that still covers draft_size × draft_size
+    (2–4× faster for small model inputs).
+    """
+    image, fmt, width, height = read_header(data, max_pixels)
+    try:
+        if draft_size and fmt == "JPEG":
+            image.draft("RGB", (draft_size, draft_size))
+        image.load()  # decodes fully: a truncated file fails here
+        rgb = image.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise BadImage(f"the image is too large to decode safely ({error})") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise BadImage(f"the image is damaged or truncated ({error})") from None
+    return rgb, fmt, width, height
 
 
 def check_image(data: bytes, max_pixels: int = Limits.max_pixels) -> ImageInfo:

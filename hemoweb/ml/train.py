@@ -1,9 +1,13 @@
-"""Training the hierarchical classifier: one timm model per inner tree node, written as a model set.
+"""Training the hierarchical classifier: a classifier per inner tree node, written as a model set.
 
 `train_tree` decodes every image once, trains each node top-down (AdamW, warm-up + cosine, label
 smoothing, early stopping on validation macro-F1, best epoch kept), writes `<NODE>.safetensors` +
 card as each node finishes and `set.json` at the end. An epoch checkpoint per node lets a run that
 was killed continue where it stopped. Progress goes to one callback, which may raise to cancel.
+
+With `shared_backbone` the nodes are heads on one backbone, trained together (each cell feeds the
+heads of every node it is an example of): one backbone pass per cell instead of one per node, in
+training and in classification.
 """
 
 import json
@@ -20,10 +24,13 @@ from .data import AugmentConfig, Augmenter, DataError, NodeSet, build_node_sets,
 from .infer import pick_device
 from .metrics import choose_threshold, classification_metrics
 from .tree import CellTree, resolve_single_path
-from .weights import ModelCard, ModelFileError, ModelSetCard, create_model, read_card, save_model, write_json, write_set
+from .weights import (ModelCard, ModelFileError, ModelSetCard, classifier_key, create_model, read_card, save_state,
+                      write_json, write_set)
 
 MODES = ("scratch", "pretrained", "pretrained_aug")
 CHECKPOINTS = "checkpoints"
+SHARED = "shared"  # progress label and checkpoint name of a shared-backbone run
+BACKBONE = "backbone.safetensors"
 
 
 class TrainingError(ValueError):
@@ -59,6 +66,7 @@ class TrainConfig:
     decode_workers: int = 2
     min_coverage: float = 0.98  # for the per-node confidence threshold
     max_steps_per_epoch: int = 0  # 0: the whole training set every epoch
+    shared_backbone: bool = False  # one backbone with a head per node: one pass per cell, in training and use
 
     @property
     def use_augmentation(self) -> bool:
@@ -166,52 +174,74 @@ def train_tree(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     used = sorted({index for ns in node_sets for part in (ns.train, ns.val, ns.test) for index, _ in part})
-    pending = [ns for ns in node_sets if not (out_dir / f"{ns.node}.safetensors").is_file()]
+    done = {ns.node for ns in node_sets if (out_dir / f"{ns.node}.safetensors").is_file()}
+    if config.shared_backbone and not (out_dir / BACKBONE).is_file():
+        done = set()  # the heads belong to one backbone: a set without it is trained again as a whole
     cache = torch.empty(0)
     row = {index: position for position, index in enumerate(used)}
-    if pending:
-        interpolation = "bicubic" if config.architecture.startswith("tf_") else "bilinear"
+    if len(done) < len(node_sets):
         started = time.perf_counter()
-        cache = decode_cache([cells[i].path for i in used], config.image_size, interpolation,
+        cache = decode_cache([cells[i].path for i in used], config.image_size, interpolation_for(config.architecture),
                              workers=config.decode_workers,
-                             progress=lambda done, total: callback(Progress("decode", step=done, steps=total)))
+                             progress=lambda step, total: callback(Progress("decode", step=step, steps=total)))
         callback(Progress("log", message=f"Decoded {len(used)} images at {config.image_size} px "
                                          f"in {time.perf_counter() - started:.1f} s."))
         if device.type == "cuda":
             cache = cache.to(device)  # 6.7k cells at 224 px are 1 GB: decode once, feed from GPU memory
-    cards: dict[str, ModelCard] = {}
-    for node_index, node_set in enumerate(node_sets, 1):
-        weights = out_dir / f"{node_set.node}.safetensors"
-        if weights.is_file():
-            cards[node_set.node] = read_card(weights)
-            callback(Progress("log", node=node_set.node, message=f"{node_set.node} already trained: kept."))
-            continue
-        remapped = NodeSet(
-            node=node_set.node, classes=node_set.classes,
-            train=[(row[i], c) for i, c in node_set.train], val=[(row[i], c) for i, c in node_set.val],
-            test=[(row[i], c) for i, c in node_set.test], counts=node_set.counts, available=node_set.available,
-            class_weights=node_set.class_weights)
-        model, card = train_node(
-            remapped, cache, config, device, pretrained=pretrained, checkpoint_dir=out_dir / CHECKPOINTS,
-            callback=callback, node_index=node_index, node_count=len(node_sets))
+    remapped = [NodeSet(
+        node=ns.node, classes=ns.classes,
+        train=[(row[i], c) for i, c in ns.train], val=[(row[i], c) for i, c in ns.val],
+        test=[(row[i], c) for i, c in ns.test], counts=ns.counts, available=ns.available,
+        class_weights=ns.class_weights) for ns in node_sets]
+    cards: dict[str, ModelCard] = {node: read_card(out_dir / f"{node}.safetensors") for node in sorted(done)}
+    for node in sorted(done):
+        callback(Progress("log", node=node, message=f"{node} already trained: kept."))
+
+    def finish(node_set: NodeSet, card: ModelCard) -> None:
         card.resolves_to = {code: resolved for code in card.classes
                             if (resolved := resolve_single_path(tree, labels, code)) != code}
         card.class_names = [tree.names.get(code, code) for code in card.classes]
         card.data = {**(data_info or {}), "counts": node_set.counts, "available_train": node_set.available}
-        save_model(model, card, weights)
         cards[node_set.node] = card
-        for suffix in (".safetensors", ".json"):
-            (out_dir / CHECKPOINTS / f"{node_set.node}{suffix}").unlink(missing_ok=True)
-        callback(Progress("node", node=node_set.node, node_index=node_index, node_count=len(node_sets),
-                          metrics=card.metrics.get("test", {}),
-                          message=f"{node_set.node} done: test accuracy {card.metrics['test']['accuracy']:.3f}, "
-                                  f"macro-F1 {card.metrics['test']['macro_f1']:.3f}"))
+
+    def announce(node: str, node_index: int, node_count: int) -> None:
+        test = cards[node].metrics["test"]
+        callback(Progress("node", node=node, node_index=node_index, node_count=node_count, metrics=test,
+                          message=f"{node} done: test accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f}"))
+
+    if config.shared_backbone and not done:
+        model, trained = train_heads(remapped, cache, config, device, label=SHARED, pretrained=pretrained,
+                                     checkpoint_dir=out_dir / CHECKPOINTS, callback=callback)
+        backbone_card = ModelCard(architecture=config.architecture, node=SHARED, classes=[],
+                                  input_size=config.image_size, mean=trained[node_sets[0].node].mean,
+                                  std=trained[node_sets[0].node].std, interpolation=interpolation_for(config.architecture),
+                                  mode=config.mode, data=dict(data_info or {}), split_seed=config.seed)
+        save_state(model.backbone.state_dict(), backbone_card, out_dir / BACKBONE)
+        for node_set in remapped:
+            finish(node_set, trained[node_set.node])
+            cards[node_set.node].backbone = BACKBONE
+            save_state(model.heads[node_set.node].state_dict(), cards[node_set.node],
+                       out_dir / f"{node_set.node}.safetensors")
+        _drop_checkpoint(out_dir, SHARED)
+        for node_index, node_set in enumerate(remapped, 1):
+            announce(node_set.node, node_index, len(remapped))
+    for node_index, node_set in enumerate(remapped, 1):
+        if node_set.node in cards:
+            continue
+        model, trained = train_heads(
+            [node_set], cache, config, device, label=node_set.node, pretrained=pretrained,
+            checkpoint_dir=out_dir / CHECKPOINTS, callback=callback, node_index=node_index, node_count=len(remapped))
+        finish(node_set, trained[node_set.node])
+        save_state(model.node_state(node_set.node), cards[node_set.node], out_dir / f"{node_set.node}.safetensors")
+        _drop_checkpoint(out_dir, node_set.node)
+        announce(node_set.node, node_index, len(remapped))
     set_card = ModelSetCard(
         name=name or out_dir.name,
         nodes={node: f"{node}.safetensors" for node in cards},
         architecture=config.architecture,
         mode=config.mode,
         input_size=config.image_size,
+        backbone=BACKBONE if config.shared_backbone else "",
         metrics={"nodes": {node: _summary(card.metrics.get("test", {})) for node, card in cards.items()}},
         data={**(data_info or {}), "config": asdict(config),
               "skipped": {plan.node: plan.skipped for plan in skipped}},
@@ -220,45 +250,89 @@ def train_tree(
     return set_card
 
 
+def _drop_checkpoint(out_dir: Path, label: str) -> None:
+    for suffix in (".safetensors", ".json"):
+        (out_dir / CHECKPOINTS / f"{label}{suffix}").unlink(missing_ok=True)
+
+
 def _summary(metrics: dict) -> dict:
     return {key: metrics.get(key) for key in ("n", "accuracy", "balanced_accuracy", "macro_f1")}
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def interpolation_for(architecture: str) -> str:
+    """TensorFlow-ported weights (tf_*) were trained on bicubic resizing."""
+    return "bicubic" if architecture.startswith("tf_") else "bilinear"
 
 
-def _normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (x - mean) / std
+class HeadedModel(torch.nn.Module):
+    """A timm backbone without its classifier, and one linear head per tree node.
+
+    Trained per node it holds one head (a node classifier as the thesis trains it); with a shared
+    backbone it holds a head for every node, so a cell costs one backbone pass for the whole tree.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, features: int, classifier_key: str, heads: dict[str, int]):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier_key = classifier_key  # where timm's full model keeps the head (for saving node files)
+        self.heads = torch.nn.ModuleDict({node: torch.nn.Linear(features, k) for node, k in heads.items()})
+        for head in self.heads.values():  # start near zero: see the note in _build_model
+            torch.nn.init.normal_(head.weight, std=0.01)
+            torch.nn.init.zeros_(head.bias)
+
+    def node_state(self, node: str) -> dict[str, torch.Tensor]:
+        """The state dict of timm's full model for this node (backbone + this head)."""
+        state = dict(self.backbone.state_dict())
+        state.update({f"{self.classifier_key}.{k}": v for k, v in self.heads[node].state_dict().items()})
+        return state
 
 
-def train_node(
-    node_set: NodeSet,
+def _build_model(config: TrainConfig, node_sets: Sequence[NodeSet], pretrained: Path | None) -> HeadedModel:
+    """The backbone (from scratch or a local pretrained file) with a fresh head per node.
+
+    Heads start near zero: timm's EfficientNet/MobileNet init scales the head by 1/sqrt(num_classes);
+    with 2–6 classes its first logits reach ±40 and the first epochs are spent undoing that.
+    """
+    try:
+        model = create_model(config.architecture, 2, pretrained)
+    except ModelFileError as error:
+        raise TrainingError(str(error)) from error
+    except RuntimeError as error:
+        raise TrainingError(f"The pretrained weights do not fit {config.architecture}: {error}") from error
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, torch.nn.Linear):
+        raise TrainingError(f"{config.architecture} has no single linear classifier head, which hemoweb trains per "
+                            "node: choose another architecture.")
+    key = classifier_key(model)
+    model.reset_classifier(0)
+    return HeadedModel(model, head.in_features, key, {ns.node: len(ns.classes) for ns in node_sets})
+
+
+def train_heads(
+    node_sets: Sequence[NodeSet],
     cache: torch.Tensor,
     config: TrainConfig,
     device: torch.device,
     *,
+    label: str,
     pretrained: Path | None = None,
     checkpoint_dir: Path | None = None,
     callback: Callback | None = None,
     node_index: int = 1,
     node_count: int = 1,
-) -> tuple[torch.nn.Module, ModelCard]:
-    """Train one node classifier on rows of `cache` (uint8 N×3×S×S); returns the best model and its card."""
+) -> tuple[HeadedModel, dict[str, ModelCard]]:
+    """Train one backbone with a head per node set on rows of `cache` (uint8 N×3×S×S).
+
+    Every training cell feeds the heads of the nodes it is an example of (the loss is their sum);
+    early stopping and the best epoch follow the mean validation macro-F1 over the nodes. `label`
+    names the run in progress reports and checkpoints (a node code, or "shared").
+    """
     import timm
 
     callback = callback or _silent
     torch.manual_seed(config.seed)
-    try:
-        model = create_model(config.architecture, len(node_set.classes), pretrained)
-    except ModelFileError as error:
-        raise TrainingError(str(error)) from error
-    except RuntimeError as error:
-        raise TrainingError(f"The pretrained weights do not fit {config.architecture}: {error}") from error
-    _small_head(model)
-    data_config = timm.data.resolve_data_config({}, model=model)
+    model = _build_model(config, node_sets, pretrained)
+    data_config = timm.data.resolve_data_config({}, model=model.backbone)
     mean_list, std_list = [float(v) for v in data_config["mean"]], [float(v) for v in data_config["std"]]
     mean = torch.tensor(mean_list, device=device).view(1, 3, 1, 1)
     std = torch.tensor(std_list, device=device).view(1, 3, 1, 1)
@@ -267,24 +341,36 @@ def train_node(
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    weight = torch.tensor(node_set.class_weights, device=device) if node_set.class_weights else None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
-    train_rows = torch.tensor([i for i, _ in node_set.train])
-    train_targets = torch.tensor([c for _, c in node_set.train])
+    loss_fns = [torch.nn.CrossEntropyLoss(
+        weight=torch.tensor(ns.class_weights, device=device) if ns.class_weights else None,
+        label_smoothing=config.label_smoothing, ignore_index=-100) for ns in node_sets]
+    # one row per training cell; column j holds its class at node j, or -100 where it is no example of node j
+    train_rows = sorted({index for ns in node_sets for index, _ in ns.train})
+    position = {index: i for i, index in enumerate(train_rows)}
+    train_targets = torch.full((len(train_rows), len(node_sets)), -100, dtype=torch.long)
+    for j, ns in enumerate(node_sets):
+        for index, target in ns.train:
+            train_targets[position[index], j] = target
+    train_rows = torch.tensor(train_rows)
     batch_size = min(config.batch_size, len(train_rows))
     steps = len(train_rows) // batch_size  # drop the last partial batch (a batch of 1 breaks batch norm)
     if config.max_steps_per_epoch:
         steps = min(steps, config.max_steps_per_epoch)
     total_steps, warmup = steps * config.epochs, max(1, int(steps * config.warmup_epochs))
     augmenter = Augmenter(AugmentConfig(), seed=config.seed) if config.use_augmentation else None
+    nodes = [ns.node for ns in node_sets]
 
-    state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [],
+             "node_history": {node: [] for node in nodes}}
     best_state = None
-    checkpoint = Path(checkpoint_dir) / f"{node_set.node}.safetensors" if checkpoint_dir else None
+    checkpoint = Path(checkpoint_dir) / f"{label}.safetensors" if checkpoint_dir else None
     if checkpoint and checkpoint.is_file():
         state, best_state = _load_checkpoint(checkpoint, model, optimizer)
-        callback(Progress("log", node=node_set.node,
-                          message=f"{node_set.node}: resumed after epoch {state['epoch']} from its checkpoint."))
+        callback(Progress("log", node=label, message=f"{label}: resumed after epoch {state['epoch']} from its checkpoint."))
+
+    def report(kind: str, epoch: int, step: int, loss: float | None, **extra) -> None:
+        callback(Progress(kind, node=label, node_index=node_index, node_count=node_count, epoch=epoch,
+                          epochs=config.epochs, step=step, steps=steps, loss=loss, **extra))
 
     for epoch in range(state["epoch"], config.epochs):
         model.train()
@@ -301,105 +387,122 @@ def train_node(
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate * _lr_factor(epoch * steps + step, warmup, total_steps)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
+                features = model.backbone(x)
+                losses = []
+                for j, node in enumerate(nodes):
+                    valid = y[:, j] != -100
+                    if valid.any():
+                        losses.append(loss_fns[j](model.heads[node](features[valid]).float(), y[valid, j]))
+            loss = torch.stack(losses).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             running += loss.item() * len(chosen)
             seen += len(chosen)
-            callback(Progress("step", node=node_set.node, node_index=node_index, node_count=node_count,
-                              epoch=epoch + 1, epochs=config.epochs, step=step + 1, steps=steps, loss=loss.item()))
-        val_probs = _predict(model, cache, node_set.val, device, mean, std, config.batch_size)
-        val_targets = torch.tensor([c for _, c in node_set.val])
-        val_loss = float(torch.nn.functional.nll_loss(val_probs.clamp_min(1e-8).log(), val_targets)) if len(val_targets) else 0.0
-        val_metrics = _metrics(node_set.classes, val_targets, val_probs)
-        state["history"].append({
-            "epoch": epoch + 1, "train_loss": round(running / max(1, seen), 5), "val_loss": round(val_loss, 5),
-            "val_accuracy": val_metrics["accuracy"], "val_macro_f1": val_metrics["macro_f1"],
-            "lr": round(optimizer.param_groups[0]["lr"], 8),
-        })
+            report("step", epoch + 1, step + 1, loss.item())
+        evaluation = _evaluate_heads(model, cache, node_sets, "val", device, mean, std, config.batch_size)
+        for node, (metrics, val_loss) in evaluation.items():
+            state["node_history"][node].append({
+                "epoch": epoch + 1, "train_loss": round(running / max(1, seen), 5), "val_loss": round(val_loss, 5),
+                "val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"],
+                "lr": round(optimizer.param_groups[0]["lr"], 8)})
+        state["history"].append(_mean_entry([history[-1] for history in state["node_history"].values()]))
+        latest = state["history"][-1]
         state["epoch"] = epoch + 1
-        if val_metrics["macro_f1"] > state["best_f1"]:
-            state.update(best_f1=val_metrics["macro_f1"], best_epoch=epoch + 1, bad_epochs=0)
+        if latest["val_macro_f1"] > state["best_score"]:
+            state.update(best_score=latest["val_macro_f1"], best_epoch=epoch + 1, bad_epochs=0)
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         else:
             state["bad_epochs"] += 1
         if checkpoint:
             _save_checkpoint(checkpoint, model, optimizer, best_state, state)
-        callback(Progress("epoch", node=node_set.node, node_index=node_index, node_count=node_count,
-                          epoch=epoch + 1, epochs=config.epochs, step=steps, steps=steps,
-                          loss=state["history"][-1]["train_loss"], metrics=dict(state["history"][-1]),
-                          message=f"{node_set.node} epoch {epoch + 1}/{config.epochs}: "
-                                  f"train loss {state['history'][-1]['train_loss']:.3f}, val loss {val_loss:.3f}, "
-                                  f"val macro-F1 {val_metrics['macro_f1']:.3f}"))
+        report("epoch", epoch + 1, steps, latest["train_loss"], metrics=dict(latest),
+               message=f"{label} epoch {epoch + 1}/{config.epochs}: train loss {latest['train_loss']:.3f}, "
+                       f"val loss {latest['val_loss']:.3f}, val macro-F1 {latest['val_macro_f1']:.3f}")
         if state["bad_epochs"] >= config.patience:
-            callback(Progress("log", node=node_set.node,
-                              message=f"{node_set.node}: early stop, no better validation macro-F1 for "
-                                      f"{config.patience} epochs (best epoch {state['best_epoch']})."))
+            callback(Progress("log", node=label, message=f"{label}: early stop, no better validation macro-F1 for "
+                                                         f"{config.patience} epochs (best epoch {state['best_epoch']})."))
             break
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    val_probs = _predict(model, cache, node_set.val, device, mean, std, config.batch_size)
-    val_targets = torch.tensor([c for _, c in node_set.val])
-    top, predicted = val_probs.max(dim=1) if len(val_targets) else (torch.empty(0), torch.empty(0, dtype=torch.long))
-    threshold = choose_threshold(top.tolist(), (predicted == val_targets).tolist(), config.min_coverage)
-    test_probs = _predict(model, cache, node_set.test, device, mean, std, config.batch_size)
-    test_targets = torch.tensor([c for _, c in node_set.test])
-    card = ModelCard(
-        architecture=config.architecture,
-        node=node_set.node,
-        classes=list(node_set.classes),
-        input_size=cache.shape[-1],
-        mean=mean_list,
-        std=std_list,
-        interpolation="bicubic" if config.architecture.startswith("tf_") else "bilinear",
-        threshold=threshold,
-        mode=config.mode,
-        metrics={
-            "val": (val_final := _metrics(node_set.classes, val_targets, val_probs)),
-            "val_macro_f1": val_final["macro_f1"],
-            "test": _metrics(node_set.classes, test_targets, test_probs),
-            "history": state["history"],
-            "best_epoch": state["best_epoch"],
-        },
-        split_seed=config.seed,
-    )
-    return model.to("cpu").to(memory_format=torch.contiguous_format), card
+    val = _evaluate_heads(model, cache, node_sets, "val", device, mean, std, config.batch_size, keep_probs=True)
+    test = _evaluate_heads(model, cache, node_sets, "test", device, mean, std, config.batch_size)
+    cards = {}
+    for ns in node_sets:
+        (val_metrics, _, top, correct) = val[ns.node]
+        cards[ns.node] = ModelCard(
+            architecture=config.architecture,
+            node=ns.node,
+            classes=list(ns.classes),
+            input_size=cache.shape[-1],
+            mean=mean_list,
+            std=std_list,
+            interpolation=interpolation_for(config.architecture),
+            threshold=choose_threshold(top, correct, config.min_coverage),
+            mode=config.mode,
+            metrics={"val": val_metrics, "val_macro_f1": val_metrics["macro_f1"], "test": test[ns.node][0],
+                     "history": state["node_history"][ns.node], "best_epoch": state["best_epoch"]},
+            split_seed=config.seed,
+        )
+    return model.to("cpu").to(memory_format=torch.contiguous_format), cards
 
 
-def _small_head(model: torch.nn.Module) -> None:
-    """Start the new classifier head near zero.
+def _mean_entry(entries: list[dict]) -> dict:
+    """One history entry for several nodes: the mean of each value (the same values for one node)."""
+    return {key: (entries[0][key] if key in ("epoch", "train_loss", "lr")
+                  else round(sum(e[key] for e in entries) / len(entries), 5)) for key in entries[0]}
 
-    timm's EfficientNet/MobileNet init scales the head by 1/sqrt(num_classes): with 2–6 classes its
-    first logits reach ±40 and the first epochs are spent undoing that (loss ~8 instead of ln k).
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x - mean) / std
+
+
+@torch.inference_mode()
+def _evaluate_heads(model: HeadedModel, cache, node_sets, split: str, device, mean, std, batch_size,
+                    keep_probs: bool = False) -> dict:
+    """Per node: (metrics, mean NLL loss) on `split`; with keep_probs also (top probabilities, correct flags).
+
+    The backbone runs once per cell, whichever nodes the cell belongs to.
     """
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if isinstance(head, torch.nn.Linear):
-        torch.nn.init.normal_(head.weight, std=0.01)
-        torch.nn.init.zeros_(head.bias)
+    model.eval()
+    rows = sorted({index for ns in node_sets for index, _ in getattr(ns, split)})
+    position = {index: i for i, index in enumerate(rows)}
+    chunks = []
+    row_tensor = torch.tensor(rows, dtype=torch.long)
+    for start in range(0, len(rows), batch_size * 2):
+        x = cache[row_tensor[start:start + batch_size * 2].to(cache.device)].to(device).float() / 255.0
+        x = _normalize(x, mean, std)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            chunks.append(model.backbone(x).float())
+    features = torch.cat(chunks) if chunks else None
+    result = {}
+    for ns in node_sets:
+        items = getattr(ns, split)
+        targets = torch.tensor([c for _, c in items], dtype=torch.long)
+        if not items:
+            result[ns.node] = (_metrics(ns.classes, targets, torch.empty(0, 0)), 0.0, [], [])
+            continue
+        chosen = torch.tensor([position[i] for i, _ in items], device=features.device)
+        probs = model.heads[ns.node](features[chosen]).float().softmax(dim=1).cpu()
+        loss = float(torch.nn.functional.nll_loss(probs.clamp_min(1e-8).log(), targets))
+        top, predicted = probs.max(dim=1)
+        extra = (top.tolist(), (predicted == targets).tolist()) if keep_probs else ()
+        result[ns.node] = (_metrics(ns.classes, targets, probs), loss, *extra)
+    return result
 
 
 def _metrics(classes: list[str], targets: torch.Tensor, probs: torch.Tensor) -> dict:
     predicted = probs.argmax(dim=1).tolist() if len(targets) else []
     return classification_metrics([classes[t] for t in targets.tolist()], [classes[p] for p in predicted], classes)
-
-
-@torch.inference_mode()
-def _predict(model, cache, items, device, mean, std, batch_size) -> torch.Tensor:
-    model.eval()
-    rows = torch.tensor([i for i, _ in items], dtype=torch.long)
-    outputs = []
-    for start in range(0, len(rows), batch_size * 2):
-        x = cache[rows[start:start + batch_size * 2].to(cache.device)].to(device).float() / 255.0
-        x = _normalize(x, mean, std)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x)
-        outputs.append(logits.float().softmax(dim=1).cpu())
-    return torch.cat(outputs) if outputs else torch.empty(0, 0)
 
 
 def _save_checkpoint(path: Path, model, optimizer, best_state, state: dict) -> None:

@@ -1,7 +1,9 @@
 """Model files: safetensors weights with a JSON card beside them, and the timm model factory.
 
 Never a pickle: weights are safetensors, everything else is JSON. A model *set* is a folder with
-`set.json` and one `<NODE>.safetensors` + `<NODE>.json` per classified tree node.
+`set.json` and one `<NODE>.safetensors` + `<NODE>.json` per classified tree node. A node file holds
+the whole timm model, or, in a set trained with a shared backbone, only the node's linear head; its
+card then names the set's `backbone.safetensors`, which every node of the set runs on.
 """
 
 import json
@@ -40,6 +42,7 @@ class ModelCard:
     data: dict = field(default_factory=dict)
     split_seed: int = 0
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    backbone: str = ""  # shared backbone file beside this one; empty: this file is the whole model
     format: str = "hemoweb-node-1"
 
     @classmethod
@@ -67,15 +70,29 @@ def create_model(architecture: str, num_classes: int, pretrained_file: Path | No
     )
 
 
+def classifier_key(model: torch.nn.Module) -> str:
+    """Where a timm model keeps its classifier head (e.g. `classifier`, `fc`, `head.fc`)."""
+    head = model.get_classifier()
+    for name, module in model.named_modules():
+        if module is head:
+            return name
+    raise ModelFileError(f"{type(model).__name__} does not say where its classifier is.")
+
+
 def card_path_for(weights_path: Path) -> Path:
     return Path(weights_path).with_suffix(".json")
 
 
 def save_model(model: torch.nn.Module, card: ModelCard, weights_path: Path) -> Path:
-    """Write weights (safetensors) and card (JSON) atomically; returns the weights path."""
+    """Write a model's weights (safetensors) and card (JSON) atomically; returns the weights path."""
+    return save_state(model.state_dict(), card, weights_path)
+
+
+def save_state(state: dict[str, torch.Tensor], card: ModelCard, weights_path: Path) -> Path:
+    """Write a state dict (safetensors) and its card (JSON) atomically; returns the weights path."""
     weights_path = Path(weights_path)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
-    state = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
+    state = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
     tmp_weights = weights_path.with_suffix(".safetensors.tmp")
     save_file(state, str(tmp_weights), metadata={"node": card.node, "architecture": card.architecture})
     write_json(card_path_for(weights_path), asdict(card))
@@ -114,16 +131,43 @@ def read_state(weights_path: Path, what: str) -> dict[str, torch.Tensor]:
 
 
 def load_model(weights_path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelCard]:
-    """Rebuild a node classifier from its card and safetensors weights, in eval mode."""
+    """Rebuild a node classifier (the whole timm model) from its card and safetensors weights, in eval mode."""
     weights_path = Path(weights_path)
     card = read_card(weights_path)
     state = read_state(weights_path, f"node {card.node}")
     model = create_model(card.architecture, num_classes=len(card.classes))
+    if card.backbone:
+        key = classifier_key(model)
+        state = {**read_state(weights_path.parent / card.backbone, f"the shared backbone of node {card.node}"),
+                 **{f"{key}.{name}": value for name, value in state.items()}}
+    _load_into(model, state, weights_path, card.architecture)
+    return model.to(device).eval(), card
+
+
+def _load_into(model: torch.nn.Module, state: dict, weights_path: Path, what: str) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise ModelFileError(f"{weights_path} does not fit {card.architecture}: {error}") from error
+        raise ModelFileError(f"{weights_path} does not fit {what}: {error}") from error
+
+
+def load_backbone(weights_path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelCard]:
+    """A shared backbone (timm model without classifier: images → pooled features), in eval mode."""
+    card = read_card(weights_path)
+    model = create_model(card.architecture, num_classes=0)
+    _load_into(model, read_state(weights_path, "the shared backbone"), weights_path, f"{card.architecture} backbone")
     return model.to(device).eval(), card
+
+
+def load_head(weights_path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelCard]:
+    """The linear head of a node in a shared-backbone set (features → logits), in eval mode."""
+    card = read_card(weights_path)
+    state = read_state(weights_path, f"node {card.node}")
+    if set(state) != {"weight", "bias"} or state["weight"].shape[0] != len(card.classes):
+        raise ModelFileError(f"{weights_path} is not a linear head for the {len(card.classes)} classes of its card.")
+    head = torch.nn.Linear(state["weight"].shape[1], len(card.classes))
+    head.load_state_dict(state)
+    return head.to(device).eval(), card
 
 
 def mtime_cached(cache: dict, lock: threading.Lock, weights_path: Path, device, loader):
@@ -147,9 +191,11 @@ _cache: dict = {}
 _cache_lock = threading.Lock()
 
 
-def cached_model(weights_path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelCard]:
-    """load_model once per process, keyed by file and mtime (a retrained file is picked up)."""
-    return mtime_cached(_cache, _cache_lock, weights_path, device, load_model)
+def cached_model(weights_path: Path, device: str | torch.device = "cpu", loader=None) -> tuple[torch.nn.Module, ModelCard]:
+    """loader (load_model by default, load_backbone or load_head) once per process, keyed by file and mtime."""
+    loader = loader or load_model
+    return mtime_cached(_cache, _cache_lock, weights_path, (str(device), loader.__name__),
+                        lambda path, key: loader(path, key[0]))
 
 
 @dataclass
@@ -164,6 +210,7 @@ class ModelSetCard:
     metrics: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    backbone: str = ""  # the shared backbone's file when the nodes share one (one backbone pass per cell)
     format: str = "hemoweb-set-1"
 
     @classmethod

@@ -31,6 +31,8 @@ class Command(BaseCommand):
         parser.add_argument("--no-augment", action="store_false", dest="augment", help="Force augmentation off.")
         parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default).")
         parser.add_argument("--max-steps", type=int, default=0, help="Cap steps per epoch (quick trials).")
+        parser.add_argument("--shared-backbone", action="store_true",
+                            help="One backbone with a head per node, trained together (one pass per cell).")
         parser.add_argument("--activate", action="store_true", help="Make the new set the active one.")
         parser.add_argument("--resume", type=int, metavar="JOB", help="Resume a failed or cancelled job in the foreground.")
 
@@ -55,7 +57,7 @@ class Command(BaseCommand):
             "batch_size": o["batch_size"], "device": o["device"], "min_images": o["min_images"],
             "balance_threshold": o["cap"], "balance": o["balance"], "seed": o["seed"], "patience": o["patience"], "warmup_epochs": o["warmup_epochs"],
             "nodes": o["nodes"] or [], "pretrained_file": o["pretrained_file"], "threads": o["threads"],
-            "max_steps_per_epoch": o["max_steps"], "activate": o["activate"],
+            "max_steps_per_epoch": o["max_steps"], "activate": o["activate"], "shared_backbone": o["shared_backbone"],
         }
         if o["lr"]:
             params["lr"] = o["lr"]
