@@ -173,3 +173,27 @@ def test_api_lists_jobs_for_lab_staff_and_lets_curators_start_one(pbc_dataset, c
     assert refused.status_code == 400 and "not a timm model name" in refused.json()["detail"]
     listed = lab_only.get(url).json()
     assert [job["name"] for job in listed["results"]] == ["api"]
+
+
+def test_a_shared_backbone_job_from_the_api_registers_a_set_that_classifies_and_explains(
+        pbc_dataset, curator_client, lab_only, django_capture_on_commit_callbacks, finished_job):
+    from apps.explain.services import _load
+
+    created = curator_client.post("/api/training-jobs/", {"dataset": "Demo PBC", "name": "shared set",
+                                                          "shared_backbone": True, **TINY},
+                                  content_type="application/json")
+    assert created.status_code == 201 and created.json()["params"]["shared_backbone"] is True
+    job = services.run_training_job(created.json()["id"])
+    assert job.status == TrainingJob.Status.SUCCEEDED, job.error
+    model_set = job.result
+    assert model_set.card["backbone"] == "backbone.safetensors" and (model_set.path / "backbone.safetensors").is_file()
+    assert {"n", "accuracy", "coarse8"} <= set(model_set.metrics)  # the whole tree ran on the test cells
+    assert "shared" in job.metrics["history"]
+    # each node is still a registered model of its own, and explanations rebuild it as a whole network
+    root = model_set.node_models.get(node__code="ROOT")
+    net, card = _load(root)
+    assert card.backbone and net.get_classifier().out_features == len(card.classes)
+    compare = lab_only.get(reverse("training:compare")).content.decode()
+    assert "scratch, shared backbone" in compare and compare.count("mobilenetv3_small_050") == 2
+    page = lab_only.get(reverse("classifiers:model-set", args=[model_set.pk])).content.decode()
+    assert "one shared backbone with a head per node" in page

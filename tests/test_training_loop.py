@@ -173,6 +173,8 @@ def test_shared_backbone_trains_every_node_in_one_run_with_one_backbone_file(sha
     assert len(root.metrics["history"]) == 2 and root.metrics["test"]["n"] > 0
     assert {e.node for e in events if e.kind == "node"} == set(card.nodes)
     assert not (folder / "checkpoints" / "shared.safetensors").exists()
+    # readable by the other processes of an installation (web and worker may run as different users)
+    assert {(path.stat().st_mode & 0o777) for path in folder.glob("*.safetensors")} == {0o644}
 
 
 def test_shared_set_classifies_like_its_nodes_whole_models(shared_set, demo_pbc):

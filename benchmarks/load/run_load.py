@@ -2,6 +2,11 @@
 
 Run: .venv/bin/pip install -r benchmarks/requirements.txt && .venv/bin/python benchmarks/load/run_load.py
 Writes benchmarks/results/load.json (requests/s, p50/p99 latency per request kind, errors, hardware).
+
+Users arrive at SPAWN_RATE per second and each logs in once (a password hash costs ~0.5 s of CPU by
+design); the statistics are reset when all USERS are in (locust --reset-stats), so the numbers are the
+steady state of USERS concurrent users for DURATION, the training job running throughout. Set
+RESET_STATS=0 to include the arrival of the users (and their logins) in the numbers.
 """
 
 import csv
@@ -17,7 +22,9 @@ from benchmarks.common import write_result  # noqa: E402
 
 PORT = 8798
 USERS = int(os.environ.get("USERS", 50))
-DURATION = os.environ.get("DURATION", "90s")
+SPAWN_RATE = os.environ.get("SPAWN_RATE", "2")
+DURATION = os.environ.get("DURATION", "150s")  # the arrival (USERS / SPAWN_RATE seconds) included
+RESET_STATS = os.environ.get("RESET_STATS", "1") == "1"
 DB_NAME = "hemoweb_load"
 ENV = {**os.environ, "DB": "mysql", "DB_NAME": DB_NAME, "DB_HOST": "127.0.0.1", "DB_USER": "root",
        "MEDIA_ROOT": "/tmp/hemoweb-load/media", "VAR_DIR": "/tmp/hemoweb-load/var", "MODELS_DIR": "/tmp/hemoweb-load/models", "DEBUG": "0",
@@ -59,8 +66,8 @@ def main() -> None:
     prefix = "/tmp/hemoweb-load/locust"
     try:
         subprocess.run([str(REPO / ".venv/bin/locust"), "-f", str(Path(__file__).with_name("locustfile.py")), "--headless",
-                        "-u", str(USERS), "-r", "10", "-t", DURATION, "--host", f"http://127.0.0.1:{PORT}",
-                        "--csv", prefix, "--only-summary"],
+                        "-u", str(USERS), "-r", SPAWN_RATE, "-t", DURATION, "--host", f"http://127.0.0.1:{PORT}",
+                        "--csv", prefix, "--only-summary", *(["--reset-stats"] if RESET_STATS else [])],
                        env={**ENV, "HEMOWEB_TOKEN": token, "HEMOWEB_DATASET_ID": dataset_id}, check=False)
         training_was_running = trainer.poll() is None
     finally:
@@ -76,8 +83,14 @@ def main() -> None:
     }
     total = next(row for row in rows if row["Name"] == "Aggregated")
     reads = [v for k, v in per_request.items() if not k.startswith("api classify") and k not in ("login",)]
-    write_result("load", {
-        "users": USERS, "duration": DURATION, "training_job_running_throughout": training_was_running,
+    write_result("load" if RESET_STATS else "load-with-arrival", {
+        "web": {"gunicorn_workers": int(os.environ.get("WEB_WORKERS", "3")), "threads": 8,
+                "torch_threads_per_request": int(ENV.get("WEB_TORCH_THREADS", "1")),
+                "training_nice": int(ENV.get("TRAINING_NICE", "10"))},
+        "users": USERS, "spawn_rate_per_s": float(SPAWN_RATE), "duration": DURATION,
+        "statistics": ("steady state: reset once all users were in (their logins excluded)" if RESET_STATS
+                       else "whole run, arrival and logins included"),
+        "training_job_running_throughout": training_was_running,
         "requests_per_s": round(float(total["Requests/s"]), 2), "errors": int(total["Failure Count"]),
         "p50_ms": float(total["50%"]), "p99_ms": float(total["99%"]),
         "reads_p99_ms_max": max(v["p99_ms"] for v in reads) if reads else None,

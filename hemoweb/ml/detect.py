@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .infer import pick_device
 from .sources import BadImage
-from .weights import ModelFileError, mtime_cached, read_state, write_json
+from .weights import ModelFileError, mtime_cached, read_state, write_safetensors
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
@@ -552,17 +552,9 @@ def _starting_model(yolo_class, source: str):
 
 def save_detector(state: dict[str, torch.Tensor], card: DetectorCard, weights_path: Path) -> Path:
     """Weights as float16 safetensors (half the size, no accuracy lost at inference) + JSON card."""
-    from safetensors.torch import save_file
-
-    weights_path = Path(weights_path)
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    tmp = weights_path.with_suffix(".safetensors.tmp")
-    save_file(tensors, str(tmp), metadata={"architecture": card.architecture, "format": card.format})
-    os.chmod(tmp, 0o644)  # a model file to share, like the card beside it
-    write_json(weights_path.with_suffix(".json"), asdict(card))
-    os.replace(tmp, weights_path)
-    return weights_path
+    return write_safetensors(weights_path, tensors, {"architecture": card.architecture, "format": card.format},
+                             card=asdict(card))
 
 
 def read_detector_card(weights_path: Path) -> DetectorCard:

@@ -9,7 +9,8 @@ efficientnet_pytorch key names; taken in order (without `num_batches_tracked`) t
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from .weights import write_safetensors
 
 LITE0 = "tf_efficientnet_lite0"
 
@@ -51,10 +52,5 @@ def convert_lite0(target: Path, source: Path | None = None) -> Path:
                                   f"expected {tuple(reference[key].shape)}.")
         converted[key] = value.float().contiguous()
     model.load_state_dict(converted, strict=False)  # proves the names and shapes fit
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    save_file(converted, str(tmp), metadata={"architecture": LITE0, "source": source.name,
-                                             "licence": "Apache-2.0", "dataset": "ImageNet-1k"})
-    tmp.replace(target)
-    return target
+    return write_safetensors(target, converted, {"architecture": LITE0, "source": source.name,
+                                                 "licence": "Apache-2.0", "dataset": "ImageNet-1k"})

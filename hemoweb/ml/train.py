@@ -18,14 +18,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .data import AugmentConfig, Augmenter, DataError, NodeSet, build_node_sets, decode_cache
 from .infer import pick_device
 from .metrics import choose_threshold, classification_metrics
 from .tree import CellTree, resolve_single_path
 from .weights import (ModelCard, ModelFileError, ModelSetCard, classifier_key, create_model, read_card, save_state,
-                      write_json, write_set)
+                      write_safetensors, write_set)
 
 MODES = ("scratch", "pretrained", "pretrained_aug")
 CHECKPOINTS = "checkpoints"
@@ -516,10 +516,7 @@ def _save_checkpoint(path: Path, model, optimizer, best_state, state: dict) -> N
         for key, value in moments.items():
             tensors[f"opt.{param_id}.{key}"] = torch.as_tensor(value).detach().to("cpu").contiguous()
     groups = [{k: v for k, v in group.items()} for group in optimizer_state["param_groups"]]
-    tmp = path.with_suffix(".safetensors.tmp")
-    save_file(tensors, str(tmp))
-    write_json(path.with_suffix(".json"), {**state, "param_groups": groups})
-    tmp.replace(path)
+    write_safetensors(path, tensors, card={**state, "param_groups": groups})
 
 
 def _load_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict | None]:
@@ -547,9 +544,7 @@ def store_half(folder: Path) -> int:
         before = weights.stat().st_size
         tensors = load_file(str(weights))
         half = {key: value.half() if value.is_floating_point() else value for key, value in tensors.items()}
-        tmp = weights.with_suffix(".safetensors.tmp")
         card = read_card(weights)
-        save_file(half, str(tmp), metadata={"node": card.node, "architecture": card.architecture, "dtype": "float16"})
-        tmp.replace(weights)
+        write_safetensors(weights, half, {"node": card.node, "architecture": card.architecture, "dtype": "float16"})
         saved += before - weights.stat().st_size
     return saved

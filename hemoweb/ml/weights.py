@@ -90,14 +90,28 @@ def save_model(model: torch.nn.Module, card: ModelCard, weights_path: Path) -> P
 
 def save_state(state: dict[str, torch.Tensor], card: ModelCard, weights_path: Path) -> Path:
     """Write a state dict (safetensors) and its card (JSON) atomically; returns the weights path."""
-    weights_path = Path(weights_path)
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
-    tmp_weights = weights_path.with_suffix(".safetensors.tmp")
-    save_file(state, str(tmp_weights), metadata={"node": card.node, "architecture": card.architecture})
-    write_json(card_path_for(weights_path), asdict(card))
-    os.replace(tmp_weights, weights_path)
-    return weights_path
+    return write_safetensors(weights_path, state, {"node": card.node, "architecture": card.architecture},
+                             card=asdict(card))
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None, *,
+                      card: dict | None = None) -> Path:
+    """Write tensors as safetensors through a temporary file, so a reader never sees half a file.
+
+    With `card`, the JSON card beside it (same name, .json) is written before the weights appear. The
+    file is made readable by all (safetensors creates it owner-only): web and worker processes of an
+    installation may run as different users on a shared models volume.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)
+    if card is not None:
+        write_json(card_path_for(path), card)
+    os.replace(tmp, path)
+    return path
 
 
 def write_json(path: Path, data: dict) -> None:
