@@ -175,12 +175,14 @@ def main() -> None:
         rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         assert run.status == "succeeded", run.error
         cells = run.cells.count()
-        passes = sum(len(path) for path in run.cells.values_list("path", flat=True))
+        steps = sum(len(path) for path in run.cells.values_list("path", flat=True))
+        passes = cells if card.backbone else steps  # a shared backbone runs once per cell, its heads per step
         result = {
             "images": n, "fast_decode": draft, "cells_stored": cells, "seconds": round(total, 2),
             "cells_per_s": round(cells / total, 1), "decode_s": round(timings["decode"], 2),
             "inference_s": round(timings["inference"], 2), "database_s": round(timings["database"], 2),
             "other_s": round(total - sum(timings.values()), 2),
+            "tree_steps_per_cell": round(steps / cells, 3),
             "forward_passes_per_cell": round(passes / cells, 3),
             "inference_images_per_s_per_pass": round(passes / timings["inference"], 1),
             "end_to_end_vs_bare": round(cells / total / bare, 3),

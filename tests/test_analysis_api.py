@@ -79,3 +79,19 @@ def test_the_api_is_in_the_openapi_schema(client):
     schema = client.get("/api/schema/").content.decode()
     assert "/api/classification-runs/" in schema and "/api/classified-cells/{id}/" in schema
     assert "multipart/form-data" in schema and "409" in schema
+
+
+def test_listing_runs_reads_neither_model_set_cards_nor_more_queries_per_run(lab_api, lab_user, tiny_model_set):
+    """The list names each run's model set by id: the sets' large JSON cards stay in the database."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    for _ in range(3):
+        services.start_run(owner=lab_user, files=[SimpleUploadedFile("s.zip", demo_zip(1))])
+    with CaptureQueriesContext(connection) as few:
+        listed = lab_api.get("/api/classification-runs/?page_size=1").json()
+    with CaptureQueriesContext(connection) as more:
+        listed = lab_api.get("/api/classification-runs/").json()
+    assert listed["count"] == 3 and {run["model_set"] for run in listed["results"]} == {tiny_model_set.pk}
+    assert len(more.captured_queries) == len(few.captured_queries)
+    assert not any("ModelSets" in query["sql"] for query in more.captured_queries)

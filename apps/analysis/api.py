@@ -85,7 +85,7 @@ class ClassificationRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
     parser_classes = [MultiPartParser, FormParser, JSONParser]
 
     def get_queryset(self):
-        return services.runs_for(self.request.user).select_related("model_set")
+        return services.runs_for(self.request.user)  # model_set as its id: no need to load its cards
 
     def get_object(self):
         return services.check_worker(super().get_object())  # a killed worker's run reads as failed

@@ -54,7 +54,8 @@ def main() -> None:
     token, dataset_id = setup.strip().splitlines()[-1].split()
     server_log = open("/tmp/hemoweb-load/gunicorn.log", "w")
     server = subprocess.Popen([str(REPO / ".venv/bin/gunicorn"), "hemoweb.wsgi:application", "-b", f"127.0.0.1:{PORT}",
-                               "-w", os.environ.get("WEB_WORKERS", "3"), "--threads", "8", "--timeout", "120", "--keep-alive", "30"],
+                               "-w", os.environ.get("WEB_WORKERS", "3"), "--threads", os.environ.get("WEB_THREADS", "4"),
+                               "--timeout", "120", "--keep-alive", "30"],
                               cwd=REPO, env=ENV, stdout=server_log, stderr=server_log)
     worker = subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=REPO, env=ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -84,7 +85,7 @@ def main() -> None:
     total = next(row for row in rows if row["Name"] == "Aggregated")
     reads = [v for k, v in per_request.items() if not k.startswith("api classify") and k not in ("login",)]
     write_result("load" if RESET_STATS else "load-with-arrival", {
-        "web": {"gunicorn_workers": int(os.environ.get("WEB_WORKERS", "3")), "threads": 8,
+        "web": {"gunicorn_workers": int(os.environ.get("WEB_WORKERS", "3")), "threads": int(os.environ.get("WEB_THREADS", "4")),
                 "torch_threads_per_request": int(ENV.get("WEB_TORCH_THREADS", "1")),
                 "training_nice": int(ENV.get("TRAINING_NICE", "10"))},
         "users": USERS, "spawn_rate_per_s": float(SPAWN_RATE), "duration": DURATION,
