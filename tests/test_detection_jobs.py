@@ -112,3 +112,23 @@ def test_a_training_whose_worker_died_is_failed_and_a_live_one_is_left_alone(dem
     assert f"worker process {dead.pid}" in lost.error and "after 2 of 5 epochs" in lost.error
     assert "No model was saved" in lost.error
     assert alive.status == "running"
+
+
+def test_training_splits_are_recorded_and_the_test_split_is_never_trained_on(demo_detection_dataset):
+    job = services.start_training(dataset=demo_detection_dataset, epochs=1, imgsz=64, device="cpu", queue=False,
+                                  train_splits=("train", "val"))
+    assert job.train_splits == "train,val"
+    with pytest.raises(services.DetectionInputError, match="test split stays unseen"):
+        services.start_training(dataset=demo_detection_dataset, epochs=1, imgsz=64, device="cpu", queue=False,
+                                train_splits=("train", "test"))
+
+
+def test_train_detector_command_trains_on_the_splits_it_is_given(demo_detection_dataset, capsys):
+    from django.core.management import call_command
+
+    call_command("train_detector", "--dataset", "Demo BCCD", "--epochs", "1", "--imgsz", "64", "--device", "cpu",
+                 "--train-splits", "train", "val", "--name", "cli detector")
+    job = DetectorTrainingJob.objects.get(name="cli detector")
+    assert job.status == "done" and job.train_splits == "train,val"
+    assert job.detector.name == "cli detector" and job.detector.path.is_file()
+    assert "registered" in capsys.readouterr().out

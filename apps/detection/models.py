@@ -116,6 +116,8 @@ class DetectorTrainingJob(WorkerFields):
     imgsz = models.PositiveIntegerField(default=416)
     device = models.CharField(max_length=10, default="auto")
     activate = models.BooleanField(default=False, help_text="Make the result the active detector when done.")
+    train_splits = models.CharField(max_length=20, default="train",
+                                    help_text="Dataset splits trained on, comma-separated (train, or train,val).")
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
     epoch = models.PositiveIntegerField(default=0)
     epochs_total = models.PositiveIntegerField(default=0)

@@ -312,8 +312,15 @@ def image_data_uri(image) -> str:
 
 def start_training(*, dataset: DetectionDataset, name: str = "", architecture: str = "yolov8n.yaml", epochs: int = 30,
                    imgsz: int = 416, device: str = "auto", activate: bool = False, user=None,
-                   queue: bool = True) -> DetectorTrainingJob:
-    """Create the job row and queue it on the training cluster (or leave it for the caller to run)."""
+                   queue: bool = True, train_splits: tuple[str, ...] = ("train",)) -> DetectorTrainingJob:
+    """Create the job row and queue it on the training cluster (or leave it for the caller to run).
+
+    `train_splits` are the dataset's splits trained on (validation is always on "val"); the test split
+    is never trained on, so that evaluate_detector's test numbers stay honest.
+    """
+    train_splits = tuple(dict.fromkeys(train_splits))
+    if not train_splits or set(train_splits) - {"train", "val"}:
+        raise DetectionInputError("Train on the train split, or on train and val; the test split stays unseen.")
     if epochs < 1 or imgsz < 32 or imgsz % 32:
         raise DetectionInputError("Epochs must be at least 1 and the image size a multiple of 32 (e.g. 416, 640).")
     if device not in {"auto", "cpu", "cuda"}:
@@ -330,7 +337,8 @@ def start_training(*, dataset: DetectionDataset, name: str = "", architecture: s
         raise DetectionInputError(f"The dataset {dataset.name} has no training images.")
     job = DetectorTrainingJob.objects.create(
         dataset=dataset, name=name or f"{dataset.name} {Path(architecture).stem}", architecture=architecture,
-        epochs=epochs, imgsz=imgsz, device=device, activate=activate, created_by=user, epochs_total=epochs)
+        epochs=epochs, imgsz=imgsz, device=device, activate=activate, created_by=user, epochs_total=epochs,
+        train_splits=",".join(train_splits))
     if queue:
         from django_q.tasks import async_task
 
@@ -348,7 +356,7 @@ def run_training(job: DetectorTrainingJob) -> DetectorTrainingJob:
     job.mark_running()
     lower_priority(settings.HEMOWEB_TRAINING_NICE)
     config = ml.TrainConfig(architecture=job.architecture, epochs=job.epochs, imgsz=job.imgsz, device=job.device,
-                            train_splits=("train",), val_split="val")
+                            train_splits=tuple(job.train_splits.split(",")), val_split="val")
     name = _unique_detector_name(job.name)
     output = Path(settings.MODELS_DIR) / "detectors" / _slug(name) / "detector.safetensors"
     try:

@@ -15,6 +15,8 @@ class Command(BaseCommand):
         parser.add_argument("--model", default="yolov8n.yaml", help="yolov8n.yaml, yolo11n.yaml, ... or a detector .safetensors to fine-tune.")
         parser.add_argument("--name", default="")
         parser.add_argument("--activate", action="store_true")
+        parser.add_argument("--train-splits", nargs="+", default=["train"], choices=["train", "val"],
+                            help="Splits to train on (validation is on val; test is never trained on).")
 
     def handle(self, *args, **options):
         dataset = DetectionDataset.objects.filter(name=options["dataset"]).first()
@@ -23,7 +25,8 @@ class Command(BaseCommand):
         try:
             job = start_training(dataset=dataset, name=options["name"], architecture=options["model"],
                                  epochs=options["epochs"], imgsz=options["imgsz"], device=options["device"],
-                                 activate=options["activate"], queue=False)
+                                 activate=options["activate"], queue=False,
+                                 train_splits=tuple(options["train_splits"]))
         except DetectionInputError as error:
             raise CommandError(str(error)) from error
         job = run_training(job)
