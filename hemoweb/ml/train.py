@@ -175,8 +175,8 @@ def train_tree(
     out_dir.mkdir(parents=True, exist_ok=True)
     used = sorted({index for ns in node_sets for part in (ns.train, ns.val, ns.test) for index, _ in part})
     done = {ns.node for ns in node_sets if (out_dir / f"{ns.node}.safetensors").is_file()}
-    if config.shared_backbone and not (out_dir / BACKBONE).is_file():
-        done = set()  # the heads belong to one backbone: a set without it is trained again as a whole
+    if config.shared_backbone and not ((out_dir / BACKBONE).is_file() and len(done) == len(node_sets)):
+        done = set()  # the heads belong to one backbone: an unfinished set is trained (or resumed) as a whole
     cache = torch.empty(0)
     row = {index: position for position, index in enumerate(used)}
     if len(done) < len(node_sets):
