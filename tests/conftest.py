@@ -138,6 +138,19 @@ def login(page, live_server, username: str) -> None:
     page.wait_for_selector("text=Log out")
 
 
+def fill_tiny_training(page, dataset: str, name: str) -> None:
+    """On the training form: a tiny run (2 epochs at 32 px on the CPU) of nodes ROOT and NEU."""
+    page.select_option("#id_dataset", label=dataset)
+    page.fill("#id_name", name)
+    page.fill("#id_architecture", "mobilenetv3_small_050")
+    page.fill("#id_epochs", "2")
+    page.fill("#id_image_size", "32")
+    page.fill("#id_batch_size", "8")
+    page.select_option("#id_device", "cpu")
+    page.check("input[name=nodes][value=ROOT]")
+    page.check("input[name=nodes][value=NEU]")
+
+
 def screenshot(page, name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"{name}.png"

@@ -10,7 +10,6 @@ import io
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -21,13 +20,13 @@ from pathlib import Path
 import pytest
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.db import connection
 from django.urls import reverse
 from django.utils import timezone
 
 from apps.analysis import services
 from apps.analysis.models import ClassificationRun, ClassifiedCell
 from apps.operations.workers import is_lost, pid_alive
+from tests.shared_db import SharedDatabase
 
 from .conftest import DEMO
 
@@ -46,44 +45,9 @@ def _demo_zip(copies: int, first: int | None = None) -> bytes:
     return buffer.getvalue()
 
 
-class WorkerDatabase:
-    """The environment of a worker subprocess that shares this test's database."""
-
-    def __init__(self, tmp_path: Path, settings):
-        self.sqlite = connection.vendor == "sqlite"
-        self.file = tmp_path / "worker.sqlite3"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DB", "DATABASE_URL", "SQLITE_PATH"))}
-        env.update(MEDIA_ROOT=str(settings.MEDIA_ROOT), MODELS_DIR=str(settings.MODELS_DIR), OMP_NUM_THREADS="1",
-                   PYTHONUNBUFFERED="1", Q_WORKERS="1", CLASSIFY_CHUNK="16", VAR_DIR=str(tmp_path / "var"))
-        if self.sqlite:
-            env["DATABASE_URL"] = f"sqlite:///{self.file}"  # an absolute path: sqlite:////tmp/...
-        else:
-            db = connection.settings_dict
-            env.update(DB="mysql", DB_NAME=db["NAME"], DB_USER=db["USER"], DB_HOST=db["HOST"] or "127.0.0.1",
-                       DB_PORT=str(db["PORT"] or 3306))
-            if db["PASSWORD"]:
-                env["DB_PASSWORD"] = db["PASSWORD"]
-        self.env = env
-
-    def push(self) -> None:
-        if self.sqlite:
-            connection.ensure_connection()
-            target = sqlite3.connect(self.file)
-            connection.connection.backup(target)
-            target.close()
-
-    def pull(self) -> None:
-        if self.sqlite:
-            source = sqlite3.connect(self.file)
-            source.backup(connection.connection)
-            source.close()
-
-    def progress(self, run_id: int) -> tuple[str, int, int]:
-        if self.sqlite:
-            with sqlite3.connect(self.file, timeout=30) as db:
-                return db.execute('SELECT status, n_done, n_total FROM "ClassificationRuns" WHERE id = ?',
-                                  (run_id,)).fetchone()
-        return ClassificationRun.objects.values_list("status", "n_done", "n_total").get(pk=run_id)
+def _progress(database: SharedDatabase, run_id: int) -> tuple[str, int, int]:
+    return database.row('SELECT status, n_done, n_total FROM "ClassificationRuns" WHERE id = ?', (run_id,),
+                        lambda: ClassificationRun.objects.values_list("status", "n_done", "n_total").get(pk=run_id))
 
 
 @pytest.mark.slow
@@ -98,7 +62,7 @@ def test_a_killed_classification_worker_leaves_a_failed_run_with_its_cells(
     run = services.start_run(owner=lab_user, files=[SimpleUploadedFile("sample.zip", _demo_zip(COPIES))])
     assert run.status == ClassificationRun.Status.QUEUED and run.n_total == 130 * COPIES
     upload = run.upload
-    database = WorkerDatabase(tmp_path, settings)
+    database = SharedDatabase(tmp_path, Q_WORKERS="1", CLASSIFY_CHUNK="16", VAR_DIR=str(tmp_path / "var"))
     database.push()
     log_path = tmp_path / "qcluster.log"
     with open(log_path, "w") as log:
@@ -106,11 +70,11 @@ def test_a_killed_classification_worker_leaves_a_failed_run_with_its_cells(
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 90
-            status, done, total = database.progress(run.pk)
+            status, done, total = _progress(database, run.pk)
             while done == 0 and time.monotonic() < deadline:
                 assert cluster.poll() is None, log_path.read_text()[-3000:]
                 time.sleep(0.05)
-                status, done, total = database.progress(run.pk)
+                status, done, total = _progress(database, run.pk)
             os.killpg(cluster.pid, signal.SIGKILL)  # the whole cluster, mid-run: out-of-memory killer, reboot
             cluster.wait()
         finally:

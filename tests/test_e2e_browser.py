@@ -12,7 +12,7 @@ import pytest
 from apps.detection.services import install_shipped_detector
 from apps.training import services as training
 from apps.training.models import TrainingJob
-from tests.conftest import DEMO, login, screenshot
+from tests.conftest import DEMO, fill_tiny_training, login, screenshot
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -53,17 +53,7 @@ def test_a_lab_day_end_to_end(page, live_server, curator, tree, tmp_path):
 
     # Start a tiny training and watch its progress bar finish.
     page.goto(live_server.url + "/training/new/")
-    page.select_option("#id_dataset", label="E2E cells")
-    page.fill("#id_name", "e2e set")
-    page.fill("#id_architecture", "mobilenetv3_small_050")
-    page.fill("#id_epochs", "2")
-    page.fill("#id_image_size", "32")
-    page.fill("#id_batch_size", "8")
-    page.select_option("#id_device", "cpu")
-    page.check("input[name=nodes][value=ROOT]")
-    page.check("input[name=nodes][value=NEU]")
-    if page.locator("#id_min_images").count():
-        page.fill("#id_min_images", "4")
+    fill_tiny_training(page, "E2E cells", "e2e set")
     page.click("button:has-text('Start training')")
     page.wait_for_selector("[data-status=queued]")
     job = TrainingJob.objects.get(name="e2e set")

@@ -5,7 +5,7 @@ import pytest
 from apps.training import services
 from apps.training.models import TrainingJob
 
-from .conftest import login, screenshot
+from .conftest import fill_tiny_training, login, screenshot
 
 
 @pytest.mark.browser
@@ -14,15 +14,7 @@ def test_start_a_training_and_watch_the_progress_bar_finish(page, live_server, c
     page.goto(live_server.url + "/training/")
     screenshot(page, "training-home")
     page.click("text=Start a training")
-    page.select_option("#id_dataset", label="Demo PBC")
-    page.fill("#id_name", "browser set")
-    page.fill("#id_architecture", "mobilenetv3_small_050")
-    page.fill("#id_epochs", "2")
-    page.fill("#id_image_size", "32")
-    page.fill("#id_batch_size", "8")
-    page.select_option("#id_device", "cpu")
-    page.check("input[name=nodes][value=ROOT]")
-    page.check("input[name=nodes][value=NEU]")
+    fill_tiny_training(page, "Demo PBC", "browser set")
     screenshot(page, "training-form")
     page.click("button:has-text('Start training')")
     page.wait_for_selector("[data-status=queued]")

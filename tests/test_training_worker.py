@@ -6,7 +6,6 @@ for it and copied back afterwards; on MariaDB it connects to the test database i
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -14,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.db import connection
 
 from apps.training import services
 from apps.training.models import TrainingJob
+from tests.shared_db import SharedDatabase
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"architecture": "mobilenetv3_small_050", "epochs": 1, "image_size": 32, "batch_size": 16, "min_images": 3,
@@ -26,56 +25,22 @@ TINY = {"architecture": "mobilenetv3_small_050", "epochs": 1, "image_size": 32, 
 pytestmark = pytest.mark.slow
 
 
-class SharedDatabase:
-    def __init__(self, tmp_path: Path):
-        self.sqlite = connection.vendor == "sqlite"
-        self.file = tmp_path / "shared.sqlite3"
-        self.env = {key: value for key, value in os.environ.items() if not key.startswith(("DB", "DATABASE_URL"))}
-        self.env.update(MEDIA_ROOT=str(settings.MEDIA_ROOT), MODELS_DIR=str(settings.MODELS_DIR), OMP_NUM_THREADS="1",
-                        PYTHONUNBUFFERED="1")
-        if self.sqlite:
-            self.env["SQLITE_PATH"] = str(self.file)
-        else:
-            self.env.update(DB="mysql", DB_NAME=connection.settings_dict["NAME"],
-                            DB_USER=connection.settings_dict["USER"], DB_HOST=connection.settings_dict["HOST"],
-                            DB_PORT=str(connection.settings_dict["PORT"] or 3306))
-            if connection.settings_dict["PASSWORD"]:
-                self.env["DB_PASSWORD"] = connection.settings_dict["PASSWORD"]
-
-    def push(self) -> None:
-        """Make what the test wrote visible to a subprocess."""
-        if self.sqlite:
-            connection.ensure_connection()
-            target = sqlite3.connect(self.file)
-            connection.connection.backup(target)
-            target.close()
-
-    def pull(self) -> None:
-        """Make what a subprocess wrote visible to the test."""
-        if self.sqlite:
-            source = sqlite3.connect(self.file)
-            source.backup(connection.connection)
-            source.close()
-
+class TrainingDatabase(SharedDatabase):
     def status(self, job_id: int) -> str:
-        if self.sqlite:
-            with sqlite3.connect(self.file, timeout=30) as db:
-                return db.execute('SELECT status FROM "TrainingJobs" WHERE id = ?', (job_id,)).fetchone()[0]
-        return TrainingJob.objects.values_list("status", flat=True).get(pk=job_id)
+        return self.row('SELECT status FROM "TrainingJobs" WHERE id = ?', (job_id,),
+                        lambda: TrainingJob.objects.values_list("status").get(pk=job_id))[0]
 
     def task_recorded(self, name: str) -> bool:
         """The cluster's monitor saved the task's result (a moment after the task itself returned)."""
-        if self.sqlite:
-            with sqlite3.connect(self.file, timeout=30) as db:
-                return db.execute("SELECT COUNT(*) FROM django_q_task WHERE name = ?", (name,)).fetchone()[0] > 0
         from django_q.models import Task
 
-        return Task.objects.filter(name=name).exists()
+        return self.row("SELECT COUNT(*) FROM django_q_task WHERE name = ?", (name,),
+                        lambda: (Task.objects.filter(name=name).count(),))[0] > 0
 
 
 @pytest.fixture
 def shared_db(transactional_db, tmp_path):
-    return SharedDatabase(tmp_path)
+    return TrainingDatabase(tmp_path)
 
 
 def _stop(process: subprocess.Popen) -> None:

@@ -34,8 +34,8 @@ from apps.cells.services import ImportError_, ImportReport, import_cells, upload
 from apps.classifiers.models import ModelSet
 from hemoweb.ml.counts import COUNT_TARGETS, Differential, differential
 from hemoweb.ml.infer import TreeClassifier, input_sizes, pick_device, tree_classifier
-from hemoweb.ml.preprocess import decode_resized_batch, resize_uint8
-from hemoweb.ml.sources import BadImage, ImageSource, SourceError, decode_checked
+from hemoweb.ml.preprocess import decode_one, decode_resized_batch
+from hemoweb.ml.sources import BadImage, ImageSource, SourceError
 from hemoweb.ml.weights import ModelFileError, read_set
 
 from .models import ClassificationRun, ClassifiedCell, Correction
@@ -338,15 +338,7 @@ def _decode(read, classifier, limits, draft_size, resize_to) -> list:
     if batch_decode(classifier, resize_to):
         return decode_resized_batch([data for _, _, data in read], *resize_to, device=classifier.device,
                                     max_pixels=limits.max_pixels)
-    results = []
-    for _, _, data in read:
-        try:
-            image, fmt, width, height = decode_checked(data, limits.max_pixels, draft_size)
-        except BadImage as error:
-            results.append(error)
-            continue
-        results.append((resize_uint8(image, *resize_to) if resize_to is not None else image, fmt, width, height))
-    return results
+    return [decode_one(data, limits.max_pixels, resize_to, draft_size) for _, _, data in read]
 
 
 # --- lost workers ------------------------------------------------------------------------------

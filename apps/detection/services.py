@@ -383,8 +383,8 @@ def detect_lost_training_jobs() -> list[DetectorTrainingJob]:
     for job in DetectorTrainingJob.objects.filter(status=DetectorTrainingJob.Status.RUNNING):
         if not job.is_lost(settings.HEMOWEB_TRAINING_STALE_SECONDS):
             continue
-        error = (f"{job.worker_label[0].upper()}{job.worker_label[1:]} running this training stopped after "
-                 f"{job.epoch} of {job.epochs_total or job.epochs} epochs (it was killed or its machine restarted). "
+        error = (f"The training stopped after {job.epoch} of {job.epochs_total or job.epochs} epochs: "
+                 f"{job.worker_label} running it is gone (it was killed or its machine restarted). "
                  "No model was saved or activated; start the training again.")
         if DetectorTrainingJob.objects.filter(pk=job.pk, status=DetectorTrainingJob.Status.RUNNING).update(
                 status=DetectorTrainingJob.Status.FAILED, error=error, finished=timezone.now()):

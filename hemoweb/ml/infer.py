@@ -107,8 +107,8 @@ class TreeClassifier:
             node, indices = next(iter(pending.items()))
             del pending[node]
             model, card = self.part(node)
-            by_index = resized.setdefault(card.input_size, {})
-            if features is None:
+            if features is None:  # one network per node: this node's input, resized once per input size
+                by_index = resized.setdefault(card.input_size, {})
                 for index in indices:
                     if index not in by_index:
                         by_index[index] = _at_size(images[index], card)
@@ -118,7 +118,7 @@ class TreeClassifier:
                 if features is None:
                     batch = normalize(torch.stack([by_index[i] for i in chunk]).to(self.device), card.mean, card.std)
                     logits = self._forward(model, batch)
-                else:
+                else:  # shared backbone: the node's head on the features computed once
                     logits = model(features[chunk])
                 probabilities = logits.softmax(dim=1).float().cpu()
                 best_p, best_i = probabilities.max(dim=1)

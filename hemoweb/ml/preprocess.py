@@ -57,7 +57,7 @@ def decode_resized_batch(datas: Sequence[bytes], size: int, interpolation: str =
             batch.append(i)
             results[i] = (None, fmt, width, height)
         else:
-            results[i] = _decode_one(data, size, interpolation, device, max_pixels)
+            results[i] = decode_one(data, max_pixels, (size, interpolation), device=device)
     decoded = []
     if batch:
         try:
@@ -65,7 +65,7 @@ def decode_resized_batch(datas: Sequence[bytes], size: int, interpolation: str =
                                   mode=ImageReadMode.RGB, device=device)
         except RuntimeError:  # one damaged file fails the whole batch: each file on its own, with its reason
             for i in batch:
-                results[i] = _decode_one(datas[i], size, interpolation, device, max_pixels)
+                results[i] = decode_one(datas[i], max_pixels, (size, interpolation), device=device)
             batch = []
     by_shape: dict[tuple, list[int]] = {}
     for position, i in enumerate(batch):
@@ -80,9 +80,14 @@ def decode_resized_batch(datas: Sequence[bytes], size: int, interpolation: str =
     return results
 
 
-def _decode_one(data: bytes, size: int, interpolation: str, device, max_pixels: int):
+def decode_one(data: bytes, max_pixels: int = Limits.max_pixels, resize_to: tuple[int, str] | None = None,
+               draft_size: int = 0, device: str | torch.device = "cpu") -> tuple | BadImage:
+    """One image, checked and decoded on the CPU: (RGB image, or with `resize_to` = (size, interpolation) a
+    uint8 (3, size, size) tensor on `device`; format, width, height), or the BadImage that says why not."""
     try:
-        image, fmt, width, height = decode_checked(data, max_pixels)
+        image, fmt, width, height = decode_checked(data, max_pixels, draft_size)
     except BadImage as error:
         return error
-    return resize_uint8(image, size, interpolation).to(device), fmt, width, height
+    if resize_to is None:
+        return image, fmt, width, height
+    return resize_uint8(image, *resize_to).to(device), fmt, width, height

@@ -1,0 +1,53 @@
+"""A test database that worker subprocesses (qcluster, manage.py) share with the test.
+
+On SQLite the in-memory test database is copied to a file the subprocess uses (push) and copied back
+afterwards (pull); on MariaDB the subprocess connects to the test database itself.
+"""
+
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+from django.conf import settings
+from django.db import connection
+
+
+class SharedDatabase:
+    def __init__(self, tmp_path: Path, **extra_env: str):
+        self.sqlite = connection.vendor == "sqlite"
+        self.file = tmp_path / "shared.sqlite3"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DB", "DATABASE_URL", "SQLITE_PATH"))}
+        env.update(MEDIA_ROOT=str(settings.MEDIA_ROOT), MODELS_DIR=str(settings.MODELS_DIR), OMP_NUM_THREADS="1",
+                   PYTHONUNBUFFERED="1", **extra_env)
+        if self.sqlite:
+            env["DATABASE_URL"] = f"sqlite:///{self.file}"  # an absolute path: sqlite:////tmp/...
+        else:
+            db = connection.settings_dict
+            env.update(DB="mysql", DB_NAME=db["NAME"], DB_USER=db["USER"], DB_HOST=db["HOST"] or "127.0.0.1",
+                       DB_PORT=str(db["PORT"] or 3306))
+            if db["PASSWORD"]:
+                env["DB_PASSWORD"] = db["PASSWORD"]
+        self.env = env
+
+    def push(self) -> None:
+        """Make what the test wrote visible to a subprocess."""
+        if self.sqlite:
+            connection.ensure_connection()
+            target = sqlite3.connect(self.file)
+            connection.connection.backup(target)
+            target.close()
+
+    def pull(self) -> None:
+        """Make what a subprocess wrote visible to the test."""
+        if self.sqlite:
+            source = sqlite3.connect(self.file)
+            source.backup(connection.connection)
+            source.close()
+
+    def row(self, sql: str, params: tuple, orm: Callable[[], tuple]) -> tuple:
+        """A row as the subprocess sees it now: `sql` on the shared SQLite file, or `orm()` on MariaDB."""
+        if self.sqlite:
+            with sqlite3.connect(self.file, timeout=30) as db:
+                return db.execute(sql, params).fetchone()
+        return orm()
