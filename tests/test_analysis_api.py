@@ -33,6 +33,7 @@ def test_post_a_zip_get_the_run_with_cells_and_counts_patch_a_cell(lab_api, tiny
     assert run["agreement"] == 1.0 and run["model_set_name"] == "tiny"
     cell = run["cells"][0]
     assert cell["path"][0]["node"] == "ROOT" and 0 < cell["path"][0]["probability"] <= 1
+    assert all(c["guess_type"] == c["predicted_type"] for c in run["cells"] if c["resolved"])
     patched = lab_api.patch(f"/api/classified-cells/{cell['id']}/", {"final_type": "PLT", "version": cell["version"]},
                             format="json")
     assert patched.status_code == 200 and patched.json()["final_type"] == "PLT"

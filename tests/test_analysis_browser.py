@@ -1,4 +1,4 @@
-"""A technologist in a real browser: classify the demo zip, correct a cell with the keyboard, sign off."""
+"""A technologist in a real browser: classify the demo zip, correct cells with the keyboard, sign off."""
 
 import json
 
@@ -14,6 +14,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 def test_classify_correct_with_the_keyboard_and_sign_off(page, live_server, lab_user, tiny_model_set, tmp_path):
     archive = tmp_path / "demo-sample.zip"
     archive.write_bytes(demo_zip(1))
+    tiny_model_set.node_models.filter(node__code="MYE").update(threshold=1.01)  # myeloid cells stop unresolved
     login(page, live_server, "tech")
     page.click("nav >> text=Classification")
     page.wait_for_selector("text=New run")
@@ -38,6 +39,19 @@ def test_classify_correct_with_the_keyboard_and_sign_off(page, live_server, lab_
     cell.refresh_from_db()
     assert cell.final_type.code == target and cell.corrected_by.username == "tech"
     screenshot(page, "analysis-corrected")
+
+    # Enter accepts the best guess of a cell that stopped at MYE
+    unresolved = page.locator("[data-guess]")
+    assert unresolved.count() >= 3  # the demo's BAS, EOS, MON, NEU and immature granulocyte cells
+    guess_id = unresolved.first.get_attribute("id")
+    guess = unresolved.first.get_attribute("data-guess")
+    assert page.get_attribute(f"#{guess_id}", "data-code") == "MYE" and guess != "MYE"
+    page.focus(f"#{guess_id}")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(f"#{guess_id}[data-code='{guess}']:not([data-guess])")
+    page.wait_for_selector("#agreement >> text=6 of 8 cells unchanged")
+    accepted = ClassifiedCell.objects.select_related("final_type", "guess_type").get(pk=int(guess_id.split("-")[1]))
+    assert accepted.final_type.code == accepted.guess_type.code == guess and accepted.predicted_type.code == "MYE"
 
     page.click("button:has-text('Sign off and lock')")
     page.wait_for_selector("text=is signed off and locked")

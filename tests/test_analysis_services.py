@@ -17,6 +17,7 @@ from apps.cells.models import Cell
 from apps.classifiers.models import ModelSet
 from hemoweb.ml.infer import TreeClassifier, TreePrediction
 from hemoweb.ml.tree import CellTree
+from hemoweb.ml.weights import read_set
 
 DEMO_PBC = Path(__file__).resolve().parent.parent / "demo" / "pbc"
 
@@ -72,11 +73,18 @@ def test_tree_inference_follows_the_tree_with_a_probability_per_step(tiny_set_fo
 
 
 def test_a_cell_below_the_node_threshold_stops_there_unresolved_and_flagged(tiny_set_folder):
+    eosinophils = _images("eosinophil")
+    sure = TreeClassifier(tiny_set_folder, CellTree.default(), thresholds=dict.fromkeys(read_set(tiny_set_folder).nodes, 0.0))
+    forced = sure.classify(eosinophils, batch_size=8)
     unsure_at_mye = TreeClassifier(tiny_set_folder, CellTree.default(), thresholds={"MYE": 1.01})
-    for prediction in unsure_at_mye.classify(_images("eosinophil"), batch_size=8):
+    for prediction, whole in zip(unsure_at_mye.classify(eosinophils, batch_size=8), forced, strict=True):
         assert prediction.code == "MYE"
         assert not prediction.resolved
         assert any(flag.startswith("unsure at MYE") for flag in prediction.flags)
+        assert [step.node for step in prediction.path] == ["ROOT", "MYE"]  # the path stops where the cell did
+        # the best guess is where the cell would have gone without the threshold
+        assert prediction.guess == whole.code == whole.guess and whole.resolved
+        assert prediction.guess != "MYE" and "MYE" in CellTree.default().path(prediction.guess)
     unsure_at_root = TreeClassifier(tiny_set_folder, CellTree.default(), thresholds={"ROOT": 1.01})
     prediction = unsure_at_root.classify(_images("lymphocyte", 1))[0]
     assert prediction.code == "ROOT" and not prediction.resolved and len(prediction.path) == 1
@@ -290,6 +298,7 @@ def test_csv_export_has_the_path_confidences_final_type_and_flags(tiny_model_set
     row = by_file["basophil/" + demo_images(1)[0].name]
     assert row["final"] == "EOS" and row["changed"] == "yes" and row["corrected_by"] == "tech"
     assert row["path"].startswith("MYE ") and row["model_set"] == "tiny"
+    assert all(r["best_guess"] == r["predicted"] for r in rows if r["resolved"] == "yes")
     assert "'=HYPERLINK(1).jpg" in by_file  # no formula reaches a spreadsheet
 
 

@@ -120,8 +120,24 @@ def test_evaluate_tree_json_has_the_documented_keys(finished_job, demo_pbc, tmp_
     assert set(result["per_code"]) == {"BAS", "EBO", "EOS", "LYT", "MON", "NGB", "NGS", "NEU", "PMO", "MYB", "MMZ",
                                        "MYI", "PLT"}
     assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["coverage"] <= 1.0
+    # refusing a cell can only cost accuracy: the forced figures are at least the lab's figures
+    assert result["forced"]["accuracy"] >= result["accuracy"]
+    assert result["forced"]["coarse8"]["accuracy"] >= result["coarse8"]["accuracy"]
     with pytest.raises(CommandError, match="No model set named 'missing'"):
         call_command("evaluate_tree", str(demo_pbc), "--models", "missing")
+
+
+def test_evaluate_tree_on_a_stored_datasets_test_split(finished_job, pbc_dataset, tmp_path):
+    out = tmp_path / "test-split.json"
+    call_command("evaluate_tree", "--dataset", pbc_dataset.name, "--models", "tiny set", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["n"] == 13 and result["evaluated_on"] == f"test split of {pbc_dataset.name}"
+    stored = finished_job.result.metrics  # the job scored the same test cells with the same set
+    assert (result["accuracy"], result["coarse8"]["accuracy"]) == (stored["accuracy"], stored["coarse8"]["accuracy"])
+    with pytest.raises(CommandError, match="either SOURCE"):
+        call_command("evaluate_tree")
+    with pytest.raises(CommandError, match="No dataset named 'nope'"):
+        call_command("evaluate_tree", "--dataset", "nope")
 
 
 def test_pages_show_jobs_progress_results_and_comparison(finished_job, curator_client, lab_only):

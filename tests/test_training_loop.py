@@ -118,17 +118,22 @@ def test_pretrained_mode_starts_from_the_converted_lite0_imagenet_weights(tmp_pa
 def test_evaluation_scores_each_cell_at_its_own_level(trained_set):
     tree = CellTree.default()
     right = TreePrediction(code="NGS", resolved=True)
-    stopped = TreePrediction(code="MYM", resolved=False)
-    result = score_predictions(tree, ["NEU", "NGS", "NEU"], [right, right, stopped])
-    assert result["n"] == 3 and result["accuracy"] == pytest.approx(2 / 3, abs=1e-3)
-    assert result["coverage"] == pytest.approx(2 / 3, abs=1e-3)
-    assert result["coarse8"]["accuracy"] == pytest.approx(2 / 3, abs=1e-3)  # MYM is no 8-class answer: wrong
+    stopped = TreePrediction(code="MYM", resolved=False, guess="NGB")
+    wrong_guess = TreePrediction(code="MYE", resolved=False, guess="PMO")
+    result = score_predictions(tree, ["NEU", "NGS", "NEU", "NGS"], [right, right, stopped, wrong_guess])
+    assert result["n"] == 4 and result["accuracy"] == pytest.approx(2 / 4, abs=1e-3)
+    assert result["coverage"] == pytest.approx(2 / 4, abs=1e-3)
+    assert result["coarse8"]["accuracy"] == pytest.approx(2 / 4, abs=1e-3)  # MYM is no 8-class answer: wrong
+    # forced: the stopped cells are scored on their best guesses (NGB passes NEU; PMO is not NGS)
+    assert result["forced"]["accuracy"] == pytest.approx(3 / 4, abs=1e-3)
+    assert result["forced"]["coarse8"]["accuracy"] == pytest.approx(3 / 4, abs=1e-3)
     folder, _, _ = trained_set
     demo = folder  # the classifier from the tiny set runs on real images
     classifier = TreeClassifier(demo, tree)
     items = [(lambda: Image.new("RGB", (64, 64), (200, 150, 200)), "LYT")] * 3
     scored = evaluate_tree(classifier, items)
-    assert set(scored) >= {"n", "accuracy", "balanced_accuracy", "macro_f1", "coverage", "per_code", "confusion", "coarse8"}
+    assert set(scored) >= {"n", "accuracy", "balanced_accuracy", "macro_f1", "coverage", "per_code", "confusion",
+                           "coarse8", "forced"}
     assert torch.is_tensor(torch.tensor(scored["confusion"]["matrix"]))
 
 

@@ -19,12 +19,14 @@ from .models import ClassificationRun, ClassifiedCell
 class ClassifiedCellSerializer(serializers.ModelSerializer):
     predicted_type = serializers.SlugRelatedField(slug_field="code", read_only=True)
     final_type = serializers.SlugRelatedField(slug_field="code", read_only=True)
+    guess_type = serializers.SlugRelatedField(slug_field="code", read_only=True)
     corrected_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
 
     class Meta:
         model = ClassifiedCell
         fields = ["id", "run", "index", "original_name", "image", "sha256", "predicted_type", "path", "confidence",
-                  "flags", "resolved", "final_type", "corrected_by", "corrected_at", "version", "model_set_name"]
+                  "flags", "resolved", "guess_type", "final_type", "corrected_by", "corrected_at", "version",
+                  "model_set_name"]
 
 
 class RunSerializer(serializers.ModelSerializer):
@@ -56,7 +58,7 @@ class RunDetailSerializer(RunSerializer):
 
     @extend_schema_field(ClassifiedCellSerializer(many=True))
     def get_cells(self, run) -> list[dict]:
-        cells = run.cells.select_related("predicted_type", "final_type", "corrected_by").order_by("index")
+        cells = run.cells.with_types().order_by("index")
         return ClassifiedCellSerializer(cells, many=True, context=self.context).data
 
 
@@ -127,7 +129,7 @@ class ClassifiedCellViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet):
 
     def get_queryset(self):
         runs = services.runs_for(self.request.user)
-        return ClassifiedCell.objects.filter(run__in=runs).select_related("predicted_type", "final_type", "corrected_by")
+        return ClassifiedCell.objects.filter(run__in=runs).with_types()
 
     @extend_schema(request=CellCorrectionSerializer,
                    responses={200: ClassifiedCellSerializer, 400: ERROR,

@@ -68,8 +68,16 @@ class ClassificationRun(WorkerFields):
         return self.status in (self.Status.QUEUED, self.Status.RUNNING)
 
 
+class ClassifiedCellQuerySet(models.QuerySet):
+    def with_types(self):
+        """Cells with everything their pages, API and CSV show, fetched in the same query."""
+        return self.select_related("predicted_type", "guess_type", "final_type", "corrected_by")
+
+
 class ClassifiedCell(models.Model):
     """One cell of a run: the prediction (kept as it was) and the verified final type."""
+
+    objects = ClassifiedCellQuerySet.as_manager()
 
     run = models.ForeignKey(ClassificationRun, on_delete=models.CASCADE, related_name="cells")
     index = models.PositiveIntegerField(help_text="Position in the upload.")
@@ -83,6 +91,9 @@ class ClassifiedCell(models.Model):
     confidence = models.FloatField(default=0.0, help_text="Probability of the whole path.")
     flags = models.JSONField(default=list, blank=True)
     resolved = models.BooleanField(default=False)
+    guess_type = models.ForeignKey(CellType, null=True, blank=True, on_delete=models.PROTECT, related_name="+",
+                                   help_text="Where the most probable path leads with thresholds ignored: the "
+                                             "best guess for a cell that stopped unresolved.")
     final_type = models.ForeignKey(CellType, on_delete=models.PROTECT, related_name="+")
     corrected_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
                                      related_name="+")
@@ -106,6 +117,11 @@ class ClassifiedCell(models.Model):
     @property
     def changed(self) -> bool:
         return self.final_type_id != self.predicted_type_id
+
+    @property
+    def offers_guess(self) -> bool:
+        """An unresolved cell whose best guess goes further than where it stopped."""
+        return self.guess_type_id is not None and self.guess_type_id != self.predicted_type_id
 
 
 class Correction(models.Model):

@@ -315,7 +315,8 @@ def _classify_chunk(run, image_source, files, offset, classifier, types, limits,
         predicted = types.get(prediction.code, root)
         rows.append(ClassifiedCell(
             run=run, index=index, image=stored, original_name=path[-255:], sha256=digest, width=width,
-            height=height, predicted_type=predicted, final_type=predicted, path=prediction.as_dict()["path"],
+            height=height, predicted_type=predicted, final_type=predicted, guess_type=types.get(prediction.guess),
+            path=prediction.as_dict()["path"],
             confidence=round(prediction.confidence, 5), flags=prediction.flags, resolved=prediction.resolved,
             model_set=run.model_set, model_set_name=run.model_set_name,
         ))
@@ -515,7 +516,7 @@ def send_corrections_to_dataset(*, run_id: int, dataset: str = DEFAULT_CORRECTIO
 # --- export ------------------------------------------------------------------------------------
 
 CSV_COLUMNS = ["file", "index", "predicted", "predicted_name", "path", "confidence", "final", "final_name",
-               "changed", "flags", "resolved", "corrected_by", "corrected_at", "model_set"]
+               "changed", "flags", "resolved", "corrected_by", "corrected_at", "model_set", "best_guess"]
 
 
 def _cell_safe(value) -> str:
@@ -532,7 +533,7 @@ def write_csv(run: ClassificationRun, out) -> int:
     """One row per cell: file, predicted path with confidences, final type, flags. Returns rows written."""
     writer = csv.writer(out)
     writer.writerow(CSV_COLUMNS)
-    cells = run.cells.select_related("predicted_type", "final_type", "corrected_by").order_by("index")
+    cells = run.cells.with_types().order_by("index")
     n = 0
     for cell in cells.iterator(chunk_size=1000):
         writer.writerow([_cell_safe(value) for value in (
@@ -541,6 +542,7 @@ def write_csv(run: ClassificationRun, out) -> int:
             "; ".join(cell.flags), "yes" if cell.resolved else "no",
             cell.corrected_by.get_username() if cell.corrected_by else "",
             cell.corrected_at.isoformat(timespec="seconds") if cell.corrected_at else "", cell.model_set_name,
+            cell.guess_type.code if cell.guess_type else "",
         )])
         n += 1
     return n

@@ -71,7 +71,7 @@ def home(request):
 
 def _run_context(request, run: ClassificationRun) -> dict:
     view = request.GET.get("view", "gallery")
-    cells = run.cells.select_related("predicted_type", "final_type", "corrected_by")
+    cells = run.cells.with_types()
     if request.GET.get("flagged"):
         cells = cells.exclude(flags=[])
     cells = cells.order_by("final_type__order", "final_type__code", "index") if view == "gallery" else cells.order_by("index")
@@ -116,7 +116,7 @@ def correct(request, pk: int, cell_pk: int):
                                          expected_version=form.cleaned_data["version"])
         except services.AnalysisError as exc:
             error = str(exc)
-    cell = run.cells.select_related("predicted_type", "final_type", "corrected_by").get(pk=cell.pk)
+    cell = run.cells.with_types().get(pk=cell.pk)
     run.refresh_from_db()
     choices, _ = _choices()
     context = {"run": run, "cell": cell, "choices": choices, "error": error}

@@ -223,15 +223,38 @@ def torch_oom() -> type[BaseException]:
 def _evaluate_into_set(folder: Path, dataset: Dataset, tree) -> dict:
     """Whole-tree metrics on the dataset's test cells, stored at the top of set.json's metrics."""
     set_card = read_set(folder)
-    cells = list(dataset.cells.filter(split="test").values_list("image", "cell_type__code"))
-    if not cells:
+    items = _dataset_items(dataset, "test")
+    if not items:
         return {}
-    classifier = TreeClassifier(folder, tree)
-    items = [(_loader(default_storage.path(image)), code) for image, code in cells]
-    result = evaluate_tree(classifier, items)
+    result = evaluate_tree(TreeClassifier(folder, tree), items)
     set_card.metrics = {**result, "nodes": set_card.metrics.get("nodes", {}),
                         "evaluated_on": f"test split of {dataset.name}"}
     write_set(folder, set_card)
+    return result
+
+
+def _dataset_items(dataset: Dataset, split: str) -> list:
+    """(image loader, tree code) for the dataset's cells of one split."""
+    cells = dataset.cells.filter(split=split).order_by("pk").values_list("image", "cell_type__code")
+    return [(_loader(default_storage.path(image)), code) for image, code in cells]
+
+
+def evaluate_dataset(name: str, *, split: str = "test", models: str | None = None) -> dict:
+    """Whole-tree evaluation on a stored dataset's cells of one split (the test cells trainings left out)."""
+    dataset = Dataset.objects.filter(name=name).first()
+    if dataset is None:
+        raise EvaluationError(f"No dataset named {name!r}.")
+    folder = model_set_folder(models)
+    items = _dataset_items(dataset, split)
+    if not items:
+        raise EvaluationError(f"Dataset {name} has no {split} cells yet: splits are assigned when a training starts.")
+    try:
+        classifier = TreeClassifier(folder, CellType.objects.as_tree())
+        classifier.check()
+    except ModelFileError as error:
+        raise EvaluationError(str(error)) from error
+    result = evaluate_tree(classifier, items)
+    result.update(model_set=str(folder), evaluated_on=f"{split} split of {name}")
     return result
 
 

@@ -4,7 +4,9 @@ Batched per node (never one image at a time); models come from the per-process c
 a shared backbone, every cell goes through the backbone once and the nodes are heads on its features,
 so the tree costs one network pass per cell whatever its depth. A cell whose
 top probability at a node is below that node's threshold stops there ("Myeloid, unresolved") and is
-flagged for review; blasts and the abnormal branch are always flagged.
+flagged for review; blasts and the abnormal branch are always flagged. Such a cell still gets a best
+guess: the code reached by following the most probable child all the way down, thresholds ignored,
+which the verification page offers and evaluation scores as the forced (no refusal) result.
 """
 
 import threading
@@ -37,6 +39,7 @@ class TreePrediction:
     path: list[Step] = field(default_factory=list)
     resolved: bool = False  # reached a leaf of the tree (or the deepest node with data)
     flags: list[str] = field(default_factory=list)
+    guess: str = ""  # the code the most probable path reaches with thresholds ignored (= code when resolved)
 
     @property
     def flagged(self) -> bool:
@@ -56,6 +59,7 @@ class TreePrediction:
             "path": [{"node": s.node, "code": s.code, "probability": round(s.probability, 5)} for s in self.path],
             "resolved": self.resolved,
             "flags": self.flags,
+            "guess": self.guess,
         }
 
 
@@ -99,7 +103,8 @@ class TreeClassifier:
     @torch.inference_mode()
     def classify(self, images: Sequence[Image.Image | torch.Tensor], batch_size: int = 64) -> list[TreePrediction]:
         """Predict a tree path for every image (PIL, or uint8 (3, S, S) tensors already at the input size)."""
-        predictions = [TreePrediction(code=self.tree.root) for _ in images]
+        predictions = [TreePrediction(code=self.tree.root, guess=self.tree.root) for _ in images]
+        stopped: set[int] = set()  # cells that stopped below a threshold and go on only for their best guess
         pending = {self.tree.root: list(range(len(images)))} if self.tree.root in self.node_files else {}
         resized: dict[int, dict[int, torch.Tensor]] = {}  # input size -> image index -> uint8 tensor
         features = self._features(images, batch_size) if pending and self.shared else None
@@ -125,12 +130,15 @@ class TreeClassifier:
                 for index, p, i in zip(chunk, best_p.tolist(), best_i.tolist(), strict=True):
                     code = card.classes[i]
                     prediction = predictions[index]
-                    prediction.path.append(Step(node, code, p))
-                    if p < threshold:
-                        prediction.flags.append(f"unsure at {node}: {p:.2f} < {threshold:.2f}")
-                        continue
+                    if index not in stopped:
+                        prediction.path.append(Step(node, code, p))
+                        if p < threshold:
+                            prediction.flags.append(f"unsure at {node}: {p:.2f} < {threshold:.2f}")
+                            stopped.add(index)
                     code = card.resolves_to.get(code, code)
-                    prediction.code = code
+                    prediction.guess = code
+                    if index not in stopped:
+                        prediction.code = code
                     if code in self.node_files:
                         pending.setdefault(code, []).append(index)
         for prediction in predictions:

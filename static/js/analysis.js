@@ -1,4 +1,5 @@
-// Verification gallery: arrow keys move between cells, one key per cell type reclassifies the focused cell.
+// Verification gallery: arrow keys move between cells, one key per cell type reclassifies the focused cell,
+// Enter accepts the best guess of a cell that stopped unresolved.
 (function () {
   "use strict";
   if (window.hemowebAnalysis) return;  // hx-boost may load the page again: listen once
@@ -32,7 +33,7 @@
       event.preventDefault();
       return;
     }
-    var code = keyMap()[event.key.toLowerCase()];
+    var code = event.key === "Enter" ? cell.getAttribute("data-guess") : keyMap()[event.key.toLowerCase()];
     var select = cell.querySelector("select[name=code]");
     if (!code || !select) return;
     event.preventDefault();
