@@ -56,6 +56,8 @@ def test_train_one_epoch_writes_safetensors_and_card_only(tmp_path, demo_annotat
                                      ml.TrainConfig(architecture=str(output), epochs=1, imgsz=64, batch=4),
                                      tmp_path / "work")
     assert tuned.architecture == "yolov8n.yaml" and tuned.training["start"] == "tiny.safetensors"
+    tuned_detector = ml.load_detector(again)  # the tuned network has the shape of one built for its classes
+    assert ml.detect(tuned_detector, Image.open(demo_annotations.images[0].path), conf=0.0001).width == 640
     with pytest.raises(ml.DetectionError, match="does not unpickle"):
         ml.train_detector(demo_annotations.images, demo_annotations.classes, tmp_path / "x.safetensors",
                           ml.TrainConfig(architecture=str(tmp_path / "yolov8n.pt"), epochs=1), tmp_path / "work")

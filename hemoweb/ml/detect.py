@@ -543,11 +543,24 @@ def _starting_model(yolo_class, source: str):
                              "hemoweb detector (.safetensors); nothing is downloaded.")
     card = read_detector_card(path)
     model = yolo_class(card.architecture, task="detect")
-    state = read_state(path, "the starting detector")
-    own = model.model.state_dict()
-    model.model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
+    # The definition's default class count (80) would widen the class head; build it as the detector was built.
+    network = detection_network(card.architecture, len(card.classes))
+    try:
+        network.load_state_dict(read_state(path, "the starting detector"))
+    except RuntimeError as error:
+        raise DetectionError(f"The starting detector {path.name} does not fit {card.architecture}: {error}") from None
+    network.args, network.task = model.model.args, model.model.task
+    model.model = network
     model.ckpt = {"source": str(path)}  # makes ultralytics build its training model from these weights
     return model, card.architecture
+
+
+def detection_network(architecture: str, n_classes: int) -> torch.nn.Module:
+    """The ultralytics network of a definition (yolov8n.yaml, ...) for `n_classes` classes, randomly initialised."""
+    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+
+    definition = {**yaml_model_load(architecture), "nc": n_classes}  # no "overriding nc" log line
+    return DetectionModel(cfg=definition, nc=n_classes, verbose=False)
 
 
 def save_detector(state: dict[str, torch.Tensor], card: DetectorCard, weights_path: Path) -> Path:
@@ -583,17 +596,12 @@ class Detector:
 def load_detector(weights_path: Path, device: str | torch.device = "cpu") -> Detector:
     """Rebuild the network from its definition and fill it from safetensors (never a pickle)."""
     configure_ultralytics()
-    from ultralytics.nn.tasks import DetectionModel
-
     _undo_pil_patch()
 
     weights_path = Path(weights_path)
     card = read_detector_card(weights_path)
     state = read_state(weights_path, "the detector")
-    from ultralytics.nn.tasks import yaml_model_load
-
-    definition = {**yaml_model_load(card.architecture), "nc": len(card.classes)}  # no "overriding nc" log line
-    model = DetectionModel(cfg=definition, nc=len(card.classes), verbose=False)
+    model = detection_network(card.architecture, len(card.classes))
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
