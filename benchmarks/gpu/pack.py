@@ -45,7 +45,7 @@ def main() -> None:
     from apps.training.services import assign_dataset_splits
     from hemoweb.ml.data import decode_one
     from hemoweb.ml.train import interpolation_for
-    from hemoweb.ml.weights import write_safetensors
+    from hemoweb.ml.weights import as_half, write_safetensors
 
     dataset = Dataset.objects.get(name=args.dataset)
     print("splits:", assign_dataset_splits(dataset))
@@ -74,8 +74,7 @@ def main() -> None:
                                                    "interpolation": interpolation, "quality": args.quality}))
     start = Path(settings.MODELS_DIR) / "pretrained" / f"{args.arch}.safetensors"
     if start.is_file():
-        half = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(start)).items()}
-        write_safetensors(args.out / "pretrained" / start.name, half)
+        write_safetensors(args.out / "pretrained" / start.name, as_half(load_file(str(start))))
     else:
         print(f"No ImageNet weights at {start} (run `manage.py convert_pretrained`): the GPU run will start from scratch.")
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())

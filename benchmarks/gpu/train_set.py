@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from hemoweb.ml.evaluate import score_predictions  # noqa: E402
-from hemoweb.ml.infer import TreeClassifier  # noqa: E402
+from hemoweb.ml.infer import TreeClassifier, pick_device  # noqa: E402
 from hemoweb.ml.train import CellRecord, Progress, TrainConfig, store_half, train_tree  # noqa: E402
 from hemoweb.ml.tree import CellTree  # noqa: E402
 
@@ -72,8 +72,7 @@ def main() -> None:
                    data_info={"dataset": pack.get("dataset", ""), "split_seed": config.seed, "packed": pack})
         trained = time.perf_counter() - started
         store_half(folder)
-        classifier = TreeClassifier(folder, tree, config.device if config.device != "auto" else
-                                    ("cuda" if torch.cuda.is_available() else "cpu"))
+        classifier = TreeClassifier(folder, tree, pick_device(config.device))
         test = [cell for cell in cells if cell.split == "test"]
         from PIL import Image
 

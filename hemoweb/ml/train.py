@@ -24,8 +24,8 @@ from .data import AugmentConfig, Augmenter, DataError, NodeSet, build_node_sets,
 from .infer import pick_device
 from .metrics import choose_threshold, classification_metrics
 from .tree import CellTree, resolve_single_path
-from .weights import (ModelCard, ModelFileError, ModelSetCard, classifier_key, create_model, read_card, save_state,
-                      write_safetensors, write_set)
+from .weights import (ModelCard, ModelFileError, ModelSetCard, as_half, classifier_key, create_model, read_card,
+                      save_state, write_safetensors, write_set)
 
 MODES = ("scratch", "pretrained", "pretrained_aug")
 CHECKPOINTS = "checkpoints"
@@ -543,7 +543,7 @@ def store_half(folder: Path) -> int:
     for weights in sorted(Path(folder).glob("*.safetensors")):
         before = weights.stat().st_size
         tensors = load_file(str(weights))
-        half = {key: value.half() if value.is_floating_point() else value for key, value in tensors.items()}
+        half = as_half(tensors)
         card = read_card(weights)
         write_safetensors(weights, half, {"node": card.node, "architecture": card.architecture, "dtype": "float16"})
         saved += before - weights.stat().st_size

@@ -95,6 +95,11 @@ def save_state(state: dict[str, torch.Tensor], card: ModelCard, weights_path: Pa
                              card=asdict(card))
 
 
+def as_half(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating-point tensors as float16 (half the size on disk); integer ones (BatchNorm counters) as they are."""
+    return {key: value.half() if value.is_floating_point() else value for key, value in tensors.items()}
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None, *,
                       card: dict | None = None) -> Path:
     """Write tensors as safetensors through a temporary file, so a reader never sees half a file.
