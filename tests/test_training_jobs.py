@@ -125,6 +125,13 @@ def test_evaluate_tree_json_has_the_documented_keys(finished_job, demo_pbc, tmp_
     assert result["forced"]["coarse8"]["accuracy"] >= result["coarse8"]["accuracy"]
     with pytest.raises(CommandError, match="No model set named 'missing'"):
         call_command("evaluate_tree", str(demo_pbc), "--models", "missing")
+    # the PBC folders as published (basophil, ig, neutrophil, ...) need neither CSV: the same cells at coarser labels
+    by_folder = tmp_path / "folders.json"
+    call_command("evaluate_tree", str(demo_pbc), "--models", "tiny set", "--json", str(by_folder))
+    by_folder = json.loads(by_folder.read_text())
+    assert by_folder["n"] == 130 and by_folder["unknown_labels"] == {}
+    assert set(by_folder["per_code"]) == {"BAS", "EBO", "EOS", "LYT", "MON", "NEU", "MYI", "PLT"}
+    assert by_folder["coarse8"]["accuracy"] == result["coarse8"]["accuracy"]
 
 
 def test_evaluate_tree_on_a_stored_datasets_test_split(finished_job, pbc_dataset, tmp_path):
@@ -213,3 +220,18 @@ def test_a_shared_backbone_job_from_the_api_registers_a_set_that_classifies_and_
     assert "scratch, shared backbone" in compare and compare.count("mobilenetv3_small_050") == 2
     page = lab_only.get(reverse("classifiers:model-set", args=[model_set.pk])).content.decode()
     assert "one shared backbone with a head per node" in page
+
+
+def test_train_tree_fine_tunes_a_trained_sets_backbone_given_by_a_path_here(pbc_dataset, settings, monkeypatch):
+    call_command("train_tree", "--dataset", "Demo PBC", "--arch", "mobilenetv3_small_050", "--epochs", "1",
+                 "--image-size", "32", "--batch-size", "16", "--min-images", "3", "--name", "first",
+                 "--shared-backbone", "--nodes", "ROOT")
+    backbone = services.set_folder_for("first") / "backbone.safetensors"
+    monkeypatch.chdir(settings.MODELS_DIR.parent)
+    relative = backbone.relative_to(settings.MODELS_DIR.parent)  # "models/first/...": from here, not under models/
+    call_command("train_tree", "--dataset", "Demo PBC", "--arch", "mobilenetv3_small_050", "--epochs", "1",
+                 "--image-size", "32", "--batch-size", "16", "--min-images", "3", "--name", "tuned",
+                 "--shared-backbone", "--nodes", "ROOT", "--mode", "pretrained", "--pretrained-file", str(relative))
+    job = TrainingJob.objects.get(name="tuned")
+    assert job.status == TrainingJob.Status.SUCCEEDED, job.error
+    assert job.params["pretrained_file"] == str(backbone.resolve())

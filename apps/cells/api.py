@@ -12,7 +12,7 @@ class CellTypeSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = CellType
-        fields = ["id", "code", "name", "parent", "order", "description"]
+        fields = ["id", "code", "name", "parent", "order", "description", "aliases"]
 
 
 class DatasetSerializer(serializers.ModelSerializer):

@@ -22,6 +22,11 @@ class CellType(models.Model):
     parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="children")
     order = models.PositiveIntegerField(default=0, help_text="Position among its siblings.")
     description = models.TextField(blank=True)
+    aliases = models.CharField(
+        max_length=255, blank=True,
+        help_text="Other labels datasets use for this type, comma-separated (e.g. IG, immature granulocyte). "
+                  "Imports match them, the code and the name without regard to case.",
+    )
 
     objects = CellTypeQuerySet.as_manager()
     history = HistoricalRecords()  # audit trail: who changed what, when
@@ -34,6 +39,11 @@ class CellType(models.Model):
     def __str__(self) -> str:
         return f"{self.code} · {self.name}"
 
+    @property
+    def labels(self) -> list[str]:
+        """The labels that mean this type in a dataset: its code, its name and its aliases."""
+        return [self.code, self.name, *(alias.strip() for alias in self.aliases.split(",") if alias.strip())]
+
     def clean(self) -> None:
         from django.core.exceptions import ValidationError
 
@@ -42,6 +52,10 @@ class CellType(models.Model):
             if node.pk == self.pk:
                 raise ValidationError({"parent": "A cell type cannot sit below itself."})
             node = node.parent
+        taken = {label.casefold(): other.code for other in CellType.objects.exclude(pk=self.pk) for label in other.labels}
+        clashes = sorted({f"{label} ({taken[label.casefold()]})" for label in self.labels[2:] if label.casefold() in taken})
+        if clashes:
+            raise ValidationError({"aliases": f"Already the label of another type: {', '.join(clashes)}."})
 
     def subtree_ids(self) -> list[int]:
         """This node's id and all ids below it."""

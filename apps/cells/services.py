@@ -4,7 +4,7 @@ import csv
 import hashlib
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -15,7 +15,7 @@ from django.db import transaction
 from simple_history.utils import bulk_update_with_history
 
 from hemoweb.ml.sources import BadImage, ImageSource, Limits, SourceError, check_image
-from hemoweb.ml.tree import DEFAULT_TREE
+from hemoweb.ml.tree import DEFAULT_ALIASES, DEFAULT_TREE
 
 from .models import Cell, CellType, Dataset, LabelMapping, Split
 
@@ -49,7 +49,8 @@ def seed_cell_tree() -> tuple[int, int]:
         if code in existing:
             continue
         existing[code] = CellType.objects.create(
-            code=code, name=name, parent=existing.get(parent_code) if parent_code else None, order=order
+            code=code, name=name, parent=existing.get(parent_code) if parent_code else None, order=order,
+            aliases=", ".join(DEFAULT_ALIASES.get(code, ())),
         )
         created += 1
     return created, len(DEFAULT_TREE) - created
@@ -167,13 +168,14 @@ def _import(source, dataset_name, labels_csv, label_map, types, limits, written,
     for raw, code in label_map.items():
         LabelMapping.objects.update_or_create(dataset=dataset, raw_label=raw, defaults={"cell_type": types[code]})
     entries, skipped = labelled_entries(source, labels_csv)
+    lookup = label_lookup(types.values())
     report = ImportReport(dataset=dataset.name, skipped=skipped)
     seen: set[str] = set()
     pending: list[Cell] = []
     for done, (path, raw_label, extra) in enumerate(entries, 1):
-        code = resolve_label(raw_label, label_map, types)
+        code = resolve_label(raw_label, label_map, lookup)
         if code is None:
-            report.skipped.append((path, f"unknown label {raw_label!r}: not a tree code and not in the label map"))
+            report.skipped.append((path, f"unknown label {raw_label!r}: not a tree code, name or alias and not in the label map"))
             continue
         try:
             data = source.read(path)
@@ -229,14 +231,27 @@ def store_file(name: str, data: bytes) -> str:
         raise ImportError_(f"The image storage could not take {name}: {error.strerror or error}.") from error
 
 
-def resolve_label(raw_label: str, label_map: dict[str, str], types: dict[str, CellType]) -> str | None:
-    """The tree code for a raw label: through the label map, else the label itself when it is a code."""
+def label_lookup(types: Iterable[CellType]) -> dict[str, str]:
+    """{case-folded label: tree code} for every type's code, name and aliases; a label two types share is left out."""
+    lookup, shared = {}, set()
+    for cell_type in types:
+        for label in cell_type.labels:
+            key = _label_key(label)
+            if lookup.setdefault(key, cell_type.code) != cell_type.code:
+                shared.add(key)
+    return {key: code for key, code in lookup.items() if key not in shared}
+
+
+def resolve_label(raw_label: str, label_map: dict[str, str], lookup: dict[str, str]) -> str | None:
+    """The tree code for a raw label: through the label map, else a type's code, name or alias (plurals too)."""
     if raw_label in label_map:
         return label_map[raw_label]
-    for candidate in (raw_label, raw_label.upper()):
-        if candidate in types:
-            return candidate
-    return None
+    key = _label_key(raw_label)
+    return lookup.get(key) or (lookup.get(key[:-1]) if key.endswith("s") else None)
+
+
+def _label_key(label: str) -> str:
+    return " ".join(label.replace("_", " ").replace("-", " ").split()).casefold()
 
 
 def _flush(pending: list[Cell], report: ImportReport) -> None:

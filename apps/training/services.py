@@ -16,7 +16,14 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from apps.cells.models import Cell, CellType, Dataset
-from apps.cells.services import ImportError_, labelled_entries, load_label_map, resolve_label, upload_limits
+from apps.cells.services import (
+    ImportError_,
+    label_lookup,
+    labelled_entries,
+    load_label_map,
+    resolve_label,
+    upload_limits,
+)
 from apps.classifiers.models import ModelSet
 from apps.classifiers.services import RegistryError, register_model_set
 from apps.operations.workers import lower_priority
@@ -348,7 +355,7 @@ def evaluate_source(source: Path | str, *, models: str | None = None, labels_csv
     """Whole-tree evaluation of a labelled folder or .zip (the import_cells layouts) with a model set."""
     folder = model_set_folder(models)
     tree = CellType.objects.as_tree()
-    types = {node.code: node for node in CellType.objects.all()}
+    lookup = label_lookup(CellType.objects.all())
     try:
         label_map = load_label_map(label_map_csv)
         classifier = TreeClassifier(folder, tree)
@@ -361,7 +368,7 @@ def evaluate_source(source: Path | str, *, models: str | None = None, labels_csv
             entries, skipped = labelled_entries(image_source, labels_csv)
             items, unknown = [], Counter()
             for path, raw, _ in entries:
-                code = resolve_label(raw, label_map, types)
+                code = resolve_label(raw, label_map, lookup)
                 if code is None:
                     unknown[raw] += 1
                     continue

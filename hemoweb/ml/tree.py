@@ -44,6 +44,25 @@ DEFAULT_TREE: tuple[tuple[str, str, str | None], ...] = (
     ("FGC", "Faggot cell", "ABN"),
 )
 
+# Other labels that public datasets use for a default code (matched without regard to case, like each
+# code's name). The PBC set's folders (basophil, ig, ...) match names or these; its file-name labels
+# (BA, SNE, MY, ...) are here, so PBC imports without a label map.
+DEFAULT_ALIASES: dict[str, tuple[str, ...]] = {
+    "BAS": ("BA",),
+    "EOS": ("EO",),
+    "EBO": ("ERB", "normoblast", "nucleated red cell"),
+    "LYT": ("LY",),
+    "MON": ("MO",),
+    "NGB": ("BNE", "band"),
+    "NGS": ("SNE", "segmented"),
+    "PMO": ("PMY",),
+    "MYB": ("MY",),
+    "MMZ": ("MMY",),
+    "MYI": ("IG", "immature granulocyte"),
+    "PLT": ("PLATELET", "thrombocyte"),
+    "BLA": ("blast",),
+}
+
 # The 8 classic peripheral-blood classes, for comparison with the literature.
 COARSE8 = ("BAS", "EOS", "ERY", "MYI", "LYM", "MON", "NEU", "PLT")
 

@@ -1,9 +1,16 @@
+from pathlib import Path
+
 from django.core.management.base import BaseCommand, CommandError
 
 from apps.cells.models import Dataset
 from apps.training.models import TrainingJob
 from apps.training.services import TrainingRequestError, run_training_job, start_training
 from hemoweb.ml.train import MODES
+
+
+def _local_path(path: str) -> str:
+    """A path given on the command line that exists here, made absolute (the job resolves others under models/)."""
+    return str(Path(path).resolve()) if path and Path(path).is_file() else path
 
 
 class Command(BaseCommand):
@@ -26,7 +33,9 @@ class Command(BaseCommand):
         parser.add_argument("--patience", type=int, default=5)
         parser.add_argument("--warmup-epochs", type=float, default=1.0)
         parser.add_argument("--nodes", nargs="*", help="Only these inner nodes (default: all trainable).")
-        parser.add_argument("--pretrained-file", default="", help="Weights to start from (default models/pretrained/<arch>.safetensors).")
+        parser.add_argument("--pretrained-file", default="", help="Weights to start from: a safetensors file here, or a path under models/ "
+                                 "(default models/pretrained/<arch>.safetensors; a set's backbone.safetensors "
+                                 "fine-tunes that set).")
         parser.add_argument("--augment", action="store_true", default=None, help="Force augmentation on.")
         parser.add_argument("--no-augment", action="store_false", dest="augment", help="Force augmentation off.")
         parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default).")
@@ -56,7 +65,7 @@ class Command(BaseCommand):
             "architecture": o["arch"], "mode": o["mode"], "epochs": o["epochs"], "image_size": o["image_size"],
             "batch_size": o["batch_size"], "device": o["device"], "min_images": o["min_images"],
             "balance_threshold": o["cap"], "balance": o["balance"], "seed": o["seed"], "patience": o["patience"], "warmup_epochs": o["warmup_epochs"],
-            "nodes": o["nodes"] or [], "pretrained_file": o["pretrained_file"], "threads": o["threads"],
+            "nodes": o["nodes"] or [], "pretrained_file": _local_path(o["pretrained_file"]), "threads": o["threads"],
             "max_steps_per_epoch": o["max_steps"], "activate": o["activate"], "shared_backbone": o["shared_backbone"],
         }
         if o["lr"]:
