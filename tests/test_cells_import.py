@@ -81,6 +81,13 @@ def test_an_alias_that_another_type_already_uses_is_refused_and_never_matches(tr
     assert report.imported == 0 and "unknown label 'ig'" in report.skipped[0][1]
 
 
+def test_a_datasets_stored_label_map_serves_its_later_imports(tree, demo_pbc):
+    _import(_zip({"X1/a.jpg": _jpeg(demo_pbc, 0)}), label_map_csv=b"label,cell_type_code\nX1,EOS\n")
+    later = _import(_zip({"X1/b.jpg": _jpeg(demo_pbc, 1)}))
+    other = _import(_zip({"X1/c.jpg": _jpeg(demo_pbc, 2)}), dataset="Other")
+    assert later.per_type == {"EOS": 1} and other.imported == 0
+
+
 def test_second_import_of_the_same_source_imports_nothing(tree, demo_pbc):
     args = dict(labels_csv=(demo_pbc / "labels.csv").read_bytes(), label_map_csv=(demo_pbc / "label_map.csv").read_bytes())
     _import(demo_pbc, **args)

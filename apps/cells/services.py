@@ -167,6 +167,8 @@ def _import(source, dataset_name, labels_csv, label_map, types, limits, written,
     )
     for raw, code in label_map.items():
         LabelMapping.objects.update_or_create(dataset=dataset, raw_label=raw, defaults={"cell_type": types[code]})
+    # the dataset's stored mappings (from earlier imports or the admin) serve later imports too
+    label_map = dict(dataset.label_mappings.values_list("raw_label", "cell_type__code"))
     entries, skipped = labelled_entries(source, labels_csv)
     lookup = label_lookup(types.values())
     report = ImportReport(dataset=dataset.name, skipped=skipped)
