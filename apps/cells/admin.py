@@ -12,7 +12,7 @@ from .services import ImportError_, import_cells, relabel_cells
 
 @admin.register(CellType)
 class CellTypeAdmin(SimpleHistoryAdmin):
-    list_display = ["indented_name", "code", "parent", "order", "own_images", "images_with_descendants"]
+    list_display = ["indented_name", "code", "aliases", "parent", "order", "own_images", "images_with_descendants"]
     search_fields = ["code", "name", "aliases"]
     autocomplete_fields = ["parent"]
 
