@@ -112,7 +112,11 @@ def test_evaluate_command_reports_map_per_class(tmp_path, detector):
     assert {"map50", "map50_95", "per_class", "n_images"} <= set(metrics)
     assert metrics["n_images"] == 2 and set(metrics["per_class"]) == {"Platelets", "RBC", "WBC"}
     assert metrics["per_class"]["WBC"] > 0.9 and 0 < metrics["map50_95"] <= metrics["map50"] <= 1
-    with pytest.raises(CommandError, match="No detector with id"):
+    by_name = tmp_path / "by-name.json"
+    call_command("evaluate_detector", str(DEMO / "bccd"), "--model", detector.name, "--format", "voc", "--split", "test",
+                 "--json", str(by_name), stdout=io.StringIO())
+    assert json.loads(by_name.read_text()) == metrics
+    with pytest.raises(CommandError, match="No detector with id or name '999'"):
         call_command("evaluate_detector", str(DEMO / "bccd"), model=999, format="voc")
 
 

@@ -65,6 +65,12 @@ class DetectorQuerySet(models.QuerySet):
     def active(self) -> "Detector | None":
         return self.filter(is_active=True).first()
 
+    def named(self, ref: str) -> "Detector | None":
+        """A detector by id or name, or `active`, as the commands take it."""
+        if ref == "active":
+            return self.active()
+        return (self.filter(pk=int(ref)).first() if ref.isdigit() else None) or self.filter(name=ref).first()
+
 
 class Detector(models.Model):
     """A trained detector: safetensors weights + JSON card under MODELS_DIR."""

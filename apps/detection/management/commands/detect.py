@@ -14,15 +14,15 @@ class Command(BaseCommand):
         parser.add_argument("image")
         parser.add_argument("--json", dest="json_out", help="Write the result as JSON here.")
         parser.add_argument("--png", dest="png_out", help="Write the image with boxes drawn here.")
-        parser.add_argument("--model", type=int, help="Detector id (default: the active one).")
+        parser.add_argument("--model", help="Detector id or name (default: the active one).")
         parser.add_argument("--no-classify", action="store_true", help="Do not classify the white cells.")
 
     def handle(self, *args, **options):
         detector = None
         if options["model"]:
-            detector = Detector.objects.filter(pk=options["model"]).first()
+            detector = Detector.objects.named(str(options["model"]))
             if detector is None:
-                raise CommandError(f"No detector with id {options['model']}.")
+                raise CommandError(f"No detector with id or name '{options['model']}'.")
         try:
             result = detect_image(Path(options["image"]), detector=detector, classify=not options["no_classify"])
         except DetectionInputError as error:

@@ -12,15 +12,15 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("source")
-        parser.add_argument("--model", type=int, required=True, help="Detector id.")
+        parser.add_argument("--model", required=True, help="Detector id or name, or `active`.")
         parser.add_argument("--format", choices=FORMATS, required=True)
         parser.add_argument("--split", choices=["train", "val", "test"], help="Only this split of the source.")
         parser.add_argument("--json", dest="json_out")
 
     def handle(self, *args, **options):
-        detector = Detector.objects.filter(pk=options["model"]).first()
+        detector = Detector.objects.named(str(options["model"]))
         if detector is None:
-            raise CommandError(f"No detector with id {options['model']}.")
+            raise CommandError(f"No detector with id or name '{options['model']}'.")
         try:
             metrics = evaluate_detector(detector, Path(options["source"]), fmt=options["format"], split=options["split"])
         except DetectionInputError as error:
