@@ -22,7 +22,7 @@ class Command(BaseCommand):
         parser.add_argument("source", help="Folder or .zip.")
         parser.add_argument("--dataset", required=True, help="Dataset name (created when new).")
         parser.add_argument("--labels", help="CSV with columns path,label (paths relative to SOURCE).")
-        parser.add_argument("--label-map", help="CSV with columns label,cell_type_code.")
+        parser.add_argument("--label-map", help="CSV with columns label,cell_type_code (labels that are a tree code, a type's name or alias need none).")
         parser.add_argument("--source-description", default="", help="Where the images came from.")
         parser.add_argument("--licence", default="")
 

@@ -18,7 +18,7 @@ class Command(BaseCommand):
                             help="... of this split (default test: the cells its trainings left out).")
         parser.add_argument("--models", help="Model set name or folder under models/ (default: the active set).")
         parser.add_argument("--labels", help="CSV with columns path,label.")
-        parser.add_argument("--label-map", help="CSV with columns label,cell_type_code.")
+        parser.add_argument("--label-map", help="CSV with columns label,cell_type_code (labels that are a tree code, a type's name or alias need none).")
         parser.add_argument("--json", help="Write the metrics as JSON to this file.")
 
     def handle(self, *args, **o):
