@@ -112,6 +112,7 @@ def test_evaluate_command_reports_map_per_class(tmp_path, detector):
     assert {"map50", "map50_95", "per_class", "n_images"} <= set(metrics)
     assert metrics["n_images"] == 2 and set(metrics["per_class"]) == {"Platelets", "RBC", "WBC"}
     assert metrics["per_class"]["WBC"] > 0.9 and 0 < metrics["map50_95"] <= metrics["map50"] <= 1
+    assert all(box["score"] >= 0.5 and box["image"].endswith(".jpg") for box in metrics["unmatched_sure"])
     by_name = tmp_path / "by-name.json"
     call_command("evaluate_detector", str(DEMO / "bccd"), "--model", detector.name, "--format", "voc", "--split", "test",
                  "--json", str(by_name), stdout=io.StringIO())

@@ -122,6 +122,20 @@ def test_shipped_detector_finds_the_white_cell_on_a_test_smear(shipped):
     assert abs(crop.width - crop.height) <= 2 and crop.width > wbc.width
 
 
+def test_evaluation_lists_sure_boxes_the_annotation_lacks(shipped, demo_annotations):
+    import dataclasses
+
+    smear = next(im for im in demo_annotations.images if im.name == "BloodImage_00007.jpg")
+    complete = ml.evaluate(shipped, [smear])
+    assert not [box for box in complete["unmatched_sure"] if box["label"] == "WBC"]
+    # the same smear with its white cell's box left out, as some BCCD images are
+    unlabelled = dataclasses.replace(smear, boxes=[b for b in smear.boxes if b.label != "WBC"])
+    missing = ml.evaluate(shipped, [unlabelled])
+    wbc = [box for box in missing["unmatched_sure"] if box["label"] == "WBC"]
+    assert len(wbc) == 1 and wbc[0]["image"] == "BloodImage_00007.jpg" and wbc[0]["score"] >= 0.5
+    assert missing["per_class"]["RBC"] == complete["per_class"]["RBC"]
+
+
 def test_large_field_is_tiled_and_merged(shipped):
     smear = Image.open(REPO / "demo" / "bccd" / "BCCD" / "JPEGImages" / "BloodImage_00007.jpg")
     single = ml.detect(shipped, smear).counts(shipped.card.classes)["WBC"]

@@ -790,14 +790,19 @@ def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(detector: Detector, images: Sequence[AnnotatedImage], conf: float = 0.001,
-             max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
-    """mAP@0.5, mAP@0.5:0.95, AP@0.5 per class, precision and recall, as ultralytics' validator computes them."""
+             max_pixels: int = DEFAULT_MAX_PIXELS, sure: float = 0.5) -> dict:
+    """mAP@0.5, mAP@0.5:0.95, AP@0.5 per class, precision and recall, as ultralytics' validator computes them.
+
+    `unmatched_sure` lists the boxes scored at least `sure` that match no annotated box of their class
+    (IoU < 0.5): false positives, or cells the annotation missed. They cost AP either way; a curator
+    looks at them before trusting a low figure.
+    """
     from ultralytics.utils.metrics import ap_per_class
 
     classes = detector.card.classes
     index = {name: i for i, name in enumerate(classes)}
     thresholds = torch.linspace(0.5, 0.95, 10)
-    tps, confs, pred_cls, target_cls = [], [], [], []
+    tps, confs, pred_cls, target_cls, unmatched = [], [], [], [], []
     for item in images:
         image = load_image(item.path, max_pixels)
         found = detect(detector, image, conf=conf, iou=0.7)
@@ -820,6 +825,8 @@ def evaluate(detector: Detector, images: Sequence[AnnotatedImage], conf: float =
                     matches = matches[np.unique(matches[:, 1], return_index=True)[1]]
                     matches = matches[np.unique(matches[:, 0], return_index=True)[1]]
                     tp[matches[:, 1], k] = True
+        unmatched += [{"image": item.name or item.path.name, **box.as_dict()}
+                      for box, matched in zip(found.boxes, tp[:, 0]) if box.score >= sure and not matched]
         tps.append(tp)
         confs.append(p_conf.numpy())
         pred_cls.append(p_cls.numpy())
@@ -843,4 +850,5 @@ def evaluate(detector: Detector, images: Sequence[AnnotatedImage], conf: float =
         "recall": round(float(np.mean(recall)) if len(unique) else 0.0, 4),
         "n_images": len(images),
         "n_boxes": int(sum(len(t) for t in target_cls)),
+        "unmatched_sure": sorted(unmatched, key=lambda box: -box["score"]),
     }

@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
@@ -30,3 +31,12 @@ class Command(BaseCommand):
         per_class = ", ".join(f"{name} {ap:.3f}" for name, ap in metrics["per_class"].items())
         self.stdout.write(f"{metrics['n_images']} images: mAP50 {metrics['map50']:.3f}, "
                           f"mAP50-95 {metrics['map50_95']:.3f}; AP50 per class: {per_class}")
+        unmatched = metrics["unmatched_sure"]
+        if unmatched:
+            per_label = Counter(box["label"] for box in unmatched)
+            self.stdout.write(f"{len(unmatched)} boxes scored ≥ 0.5 match no annotated box "
+                              f"({', '.join(f'{label} {n}' for label, n in sorted(per_label.items()))}): false positives, "
+                              "or cells the annotation missed. The surest:")
+            for box in unmatched[:10]:
+                self.stdout.write(f"  {box['image']}: {box['label']} {box['score']:.2f} at "
+                                  f"({box['x1']:.0f},{box['y1']:.0f})-({box['x2']:.0f},{box['y2']:.0f})")
