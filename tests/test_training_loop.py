@@ -237,3 +237,17 @@ def test_a_shared_set_without_its_backbone_file_is_a_clear_error(shared_set, tmp
     (copy / "backbone.safetensors").unlink()
     with pytest.raises(ModelFileError, match="backbone.safetensors"):
         TreeClassifier(copy, CellTree.default()).check()
+
+
+def test_the_shipped_default_set_loads_and_classifies_the_demo_cells(demo_pbc):
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "models" / "default"
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 40 * 1024**2
+    classifier = TreeClassifier(folder, CellTree.default())
+    classifier.check()
+    cells = demo_cells(demo_pbc)
+    result = evaluate_tree(classifier, [((lambda path=cell.path: Image.open(path)), cell.label) for cell in cells])
+    # real weights on real cells (most of them were training cells, so this guards loading, not accuracy)
+    assert result["n"] == 130 and result["coarse8"]["accuracy"] >= 0.9 and result["coverage"] >= 0.9
+    assert read_set(folder).input_size == classifier.backbone()[1].input_size
