@@ -14,6 +14,11 @@ class CellTypeQuerySet(models.QuerySet):
         return CellTree.from_rows(rows)
 
 
+def label_key(label: str) -> str:
+    """How dataset labels are compared: case, `_`/`-` and spacing aside."""
+    return " ".join(label.replace("_", " ").replace("-", " ").split()).casefold()
+
+
 class CellType(models.Model):
     """A node of the cell-type tree: a lineage, a stage or a cell type."""
 
@@ -40,9 +45,13 @@ class CellType(models.Model):
         return f"{self.code} · {self.name}"
 
     @property
+    def alias_list(self) -> list[str]:
+        return [alias.strip() for alias in self.aliases.split(",") if alias.strip()]
+
+    @property
     def labels(self) -> list[str]:
         """The labels that mean this type in a dataset: its code, its name and its aliases."""
-        return [self.code, self.name, *(alias.strip() for alias in self.aliases.split(",") if alias.strip())]
+        return [self.code, self.name, *self.alias_list]
 
     def clean(self) -> None:
         from django.core.exceptions import ValidationError
@@ -52,8 +61,8 @@ class CellType(models.Model):
             if node.pk == self.pk:
                 raise ValidationError({"parent": "A cell type cannot sit below itself."})
             node = node.parent
-        taken = {label.casefold(): other.code for other in CellType.objects.exclude(pk=self.pk) for label in other.labels}
-        clashes = sorted({f"{label} ({taken[label.casefold()]})" for label in self.labels[2:] if label.casefold() in taken})
+        taken = {label_key(label): other.code for other in CellType.objects.exclude(pk=self.pk) for label in other.labels}
+        clashes = sorted({f"{alias} ({taken[label_key(alias)]})" for alias in self.alias_list if label_key(alias) in taken})
         if clashes:
             raise ValidationError({"aliases": f"Already the label of another type: {', '.join(clashes)}."})
 

@@ -17,7 +17,7 @@ from simple_history.utils import bulk_update_with_history
 from hemoweb.ml.sources import BadImage, ImageSource, Limits, SourceError, check_image
 from hemoweb.ml.tree import DEFAULT_ALIASES, DEFAULT_TREE
 
-from .models import Cell, CellType, Dataset, LabelMapping, Split
+from .models import Cell, CellType, Dataset, LabelMapping, Split, label_key
 
 log = logging.getLogger(__name__)
 BATCH = 500
@@ -238,7 +238,7 @@ def label_lookup(types: Iterable[CellType]) -> dict[str, str]:
     lookup, shared = {}, set()
     for cell_type in types:
         for label in cell_type.labels:
-            key = _label_key(label)
+            key = label_key(label)
             if lookup.setdefault(key, cell_type.code) != cell_type.code:
                 shared.add(key)
     return {key: code for key, code in lookup.items() if key not in shared}
@@ -248,12 +248,8 @@ def resolve_label(raw_label: str, label_map: dict[str, str], lookup: dict[str, s
     """The tree code for a raw label: through the label map, else a type's code, name or alias (plurals too)."""
     if raw_label in label_map:
         return label_map[raw_label]
-    key = _label_key(raw_label)
+    key = label_key(raw_label)
     return lookup.get(key) or (lookup.get(key[:-1]) if key.endswith("s") else None)
-
-
-def _label_key(label: str) -> str:
-    return " ".join(label.replace("_", " ").replace("-", " ").split()).casefold()
 
 
 def _flush(pending: list[Cell], report: ImportReport) -> None:
