@@ -144,7 +144,8 @@ def main() -> None:
     if (default_set / "set.json").is_file():
         card = read_set(default_set)
         layout = "one shared backbone, a head per node" if card.backbone else "one network per node"
-        set_folder, note = default_set, f"{default_set.name} (trained weights, {layout})"
+        set_folder, note = default_set, (f"{default_set.name} (trained weights, {layout}, second look: "
+                                         f"{card.second_look or 'none'} views)")
     else:
         set_folder = work / "models" / "bench"
         build_random_set(set_folder, "mobilenetv3_small_100", 128, deepest=args.route == "deepest")
@@ -175,14 +176,18 @@ def main() -> None:
         rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         assert run.status == "succeeded", run.error
         cells = run.cells.count()
-        steps = sum(len(path) for path in run.cells.values_list("path", flat=True))
-        passes = cells if card.backbone else steps  # a shared backbone runs once per cell, its heads per step
+        rows = list(run.cells.values_list("path", "views"))
+        steps = sum(len(path) for path, _ in rows)
+        looked = [(len(path), views) for path, views in rows if views > 1]  # unsure at first: looked at again
+        # a shared backbone runs once per cell and once per view of a second look; a per-node set once per step
+        passes = (cells + sum(views for _, views in looked) if card.backbone
+                  else steps + sum(length * views for length, views in looked))
         result = {
             "images": n, "fast_decode": draft, "cells_stored": cells, "seconds": round(total, 2),
             "cells_per_s": round(cells / total, 1), "decode_s": round(timings["decode"], 2),
             "inference_s": round(timings["inference"], 2), "database_s": round(timings["database"], 2),
             "other_s": round(total - sum(timings.values()), 2),
-            "tree_steps_per_cell": round(steps / cells, 3),
+            "tree_steps_per_cell": round(steps / cells, 3), "second_looks": len(looked),
             "forward_passes_per_cell": round(passes / cells, 3),
             "inference_images_per_s_per_pass": round(passes / timings["inference"], 1),
             "end_to_end_vs_bare": round(cells / total / bare, 3),
@@ -216,12 +221,12 @@ def main() -> None:
              f"Hardware: {report['hardware']['cpu']}, {report['hardware']['cores']} cores, torch {torch.__version__}, "
              f"load average at end {tuple(round(x, 1) for x in os.getloadavg())}.",
              f"Models: {note}. Batch {args.batch}.", f"Bare forward: {bare_first:.0f} images/s at the start (each run also lists before/after).", "",
-             "| images | fast decode | cells/s | vs bare | decode s | inference s | database s | passes/cell | max RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| images | fast decode | cells/s | vs bare | decode s | inference s | database s | passes/cell | second looks | max RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r['images']} | {r['fast_decode']} | {r['cells_per_s']} | {r['end_to_end_vs_bare']} | "
                      f"{r['decode_s']} | {r['inference_s']} | {r['database_s']} | {r['forward_passes_per_cell']} | "
-                     f"{r['max_rss_mb_after']} |")
+                     f"{r['second_looks']} | {r['max_rss_mb_after']} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"results: {out}")
     shutil.rmtree(work, ignore_errors=True)

@@ -354,3 +354,28 @@ def test_batch_decoder_checks_every_file_like_the_cpu_decoder():
     assert (tensor.float() - reference.float()).abs().mean() < 1.0
     assert results[3][1] == "PNG" and results[3][0].shape == (3, 32, 32)
     assert isinstance(decode_resized_batch([jpegs[0]], 32, max_pixels=1000)[0], BadImage)  # pixel limit first
+
+
+def test_a_cell_the_set_looks_at_twice_records_its_views_in_the_row_the_csv_and_the_api(tiny_model_set, lab_user,
+                                                                                        lab_client):
+    from hemoweb.ml.weights import write_set
+
+    card = read_set(tiny_model_set.path)
+    card.second_look = 4
+    write_set(tiny_model_set.path, card)
+    # unsure at MYE for every myeloid cell; the others stay sure
+    tiny_model_set.node_models.filter(node__code="MYE").update(threshold=1.01)
+    run = services.start_run(owner=lab_user, files=[upload(demo_zip(2))])
+    assert run.status == ClassificationRun.Status.SUCCEEDED, run.error
+    looked = [cell for cell in run.cells.all() if any(flag.startswith("unsure at MYE") for flag in cell.flags)]
+    sure = [cell for cell in run.cells.all() if cell.resolved]
+    assert looked and sure
+    assert {cell.views for cell in looked} == {4} and {cell.views for cell in sure} == {1}
+    assert all(flag.endswith("(4 views)") for cell in looked for flag in cell.flags if flag.startswith("unsure"))
+    out = io.StringIO()
+    services.write_csv(run, out)
+    views = {row["file"]: row["views"] for row in csv.DictReader(io.StringIO(out.getvalue()))}
+    assert {views[cell.original_name] for cell in looked} == {"4"}
+    response = lab_client.get(f"/api/classified-cells/{looked[0].pk}/")
+    assert response.status_code == 200 and response.json()["views"] == 4
+    assert "second look, 4 views" in lab_client.get(f"/analysis/runs/{run.pk}/?view=table").content.decode()

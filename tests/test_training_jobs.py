@@ -235,3 +235,28 @@ def test_train_tree_fine_tunes_a_trained_sets_backbone_given_by_a_path_here(pbc_
     job = TrainingJob.objects.get(name="tuned")
     assert job.status == TrainingJob.Status.SUCCEEDED, job.error
     assert job.params["pretrained_file"] == str(backbone.resolve())
+
+
+def test_choose_second_look_stores_the_choice_and_evaluate_tree_can_override_it(finished_job, pbc_dataset, tmp_path):
+    from hemoweb.ml.weights import read_set, write_set
+
+    model_set = finished_job.result
+    card = read_set(model_set.path)  # as a set trained before trainings chose a second look
+    card.second_look = 0
+    card.metrics.pop("second_look", None)
+    write_set(model_set.path, card)
+    call_command("choose_second_look", "--dataset", pbc_dataset.name, "--models", "tiny set")
+    stored = read_set(model_set.path)
+    scores = stored.metrics["second_look"]["val_accuracy"]
+    assert stored.metrics["second_look"]["chosen_on"] == f"val split of {pbc_dataset.name}"
+    assert scores[str(stored.second_look)] == max(scores.values())
+    model_set.refresh_from_db()
+    assert model_set.card["second_look"] == stored.second_look  # the registry shows what the folder holds
+    out = tmp_path / "none.json"
+    call_command("evaluate_tree", "--dataset", pbc_dataset.name, "--models", "tiny set", "--second-look", "0",
+                 "--json", str(out))
+    assert json.loads(out.read_text())["second_look"] == 0
+    with pytest.raises(CommandError, match="0 to 8 views"):
+        call_command("evaluate_tree", "--dataset", pbc_dataset.name, "--models", "tiny set", "--second-look", "9")
+    with pytest.raises(CommandError, match="no val cells"):
+        call_command("choose_second_look", "--dataset", Dataset.objects.create(name="empty").name)

@@ -251,3 +251,73 @@ def test_the_shipped_default_set_loads_and_classifies_the_demo_cells(demo_pbc):
     # real weights on real cells (most of them were training cells, so this guards loading, not accuracy)
     assert result["n"] == 130 and result["coarse8"]["accuracy"] >= 0.9 and result["coverage"] >= 0.9
     assert read_set(folder).input_size == classifier.backbone()[1].input_size
+
+
+# --- the second look at unsure cells ----------------------------------------------------------------
+
+
+def test_the_views_are_the_eight_turns_and_mirrors_of_a_cell():
+    from hemoweb.ml.infer import VIEW_ORDER, view
+
+    batch = torch.arange(9).reshape(1, 1, 3, 3)
+    views = [view(batch, k) for k in range(8)]
+    assert torch.equal(views[0], batch) and sorted(VIEW_ORDER) == list(range(8))
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8  # all different for an asymmetric picture
+    assert torch.equal(view(batch, 4), batch.flip(3)) and torch.equal(view(batch, 2), batch.flip(2).flip(3))
+    assert all(v.flatten().sort().values.tolist() == list(range(9)) for v in views)  # the same pixels, moved
+
+
+def test_a_second_look_averages_turned_views_for_the_unsure_cells_only(shared_set, demo_pbc):
+    from hemoweb.ml.infer import VIEW_ORDER, view
+    from hemoweb.ml.preprocess import batch_for
+    from hemoweb.ml.weights import load_model
+
+    folder, _, _ = shared_set
+    images = [Image.open(path).convert("RGB") for path in sorted(demo_pbc.glob("*/*.jpg"))[::7]]
+    first = TreeClassifier(folder, CellTree.default()).classify(images)
+    at_root = sorted(p.path[0].probability for p in first)
+    threshold = (at_root[len(at_root) // 2 - 1] + at_root[len(at_root) // 2]) / 2  # half the cells unsure at ROOT
+    plain = TreeClassifier(folder, CellTree.default(), thresholds={"ROOT": threshold}, second_look=0).classify(images)
+    looked = TreeClassifier(folder, CellTree.default(), thresholds={"ROOT": threshold}, second_look=4).classify(images)
+    root, card = load_model(folder / "ROOT.safetensors")
+    with torch.inference_mode():
+        batch = batch_for(images, card)
+        mean = torch.stack([root(view(batch, k)).softmax(dim=1) for k in VIEW_ORDER[:4]]).mean(dim=0)
+    unsure = [index for index, p in enumerate(plain) if p.unsure]
+    assert 0 < len(unsure) < len(images)
+    for index, (before, after) in enumerate(zip(plain, looked, strict=True)):
+        if index in unsure:  # looked at again: ROOT's probability is the mean over the 4 views
+            assert after.views == 4 and after.as_dict()["views"] == 4
+            assert after.path[0].code == card.classes[int(mean[index].argmax())]
+            assert after.path[0].probability == pytest.approx(float(mean[index].max()), abs=1e-4)
+            assert after.unsure == (after.path[0].probability < threshold)
+            assert all(flag.endswith("(4 views)") for flag in after.flags if flag.startswith("unsure"))
+        else:  # a sure cell is left as the first pass had it
+            assert after.views == 1 and after.as_dict() == before.as_dict()
+    with pytest.raises(ValueError, match="0 to 8 views"):
+        TreeClassifier(folder, CellTree.default(), second_look=9)
+
+
+def test_training_chooses_the_second_look_on_its_validation_cells(shared_set):
+    from hemoweb.ml.evaluate import SECOND_LOOKS
+
+    folder, card, events = shared_set
+    chosen = read_set(folder).metrics["second_look"]
+    scores = {int(views): accuracy for views, accuracy in chosen["val_accuracy"].items()}
+    assert set(scores) == set(SECOND_LOOKS) and card.second_look == read_set(folder).second_look == chosen["views"]
+    best = max(scores.values())
+    assert scores[card.second_look] == best and card.second_look == min(v for v, a in scores.items() if a == best)
+    assert any(event.message.startswith("Second look for unsure cells") for event in events)
+    assert TreeClassifier(folder, CellTree.default()).second_look == card.second_look
+
+
+def test_a_cell_gets_the_same_prediction_alone_or_in_a_padded_short_batch(shared_set, trained_set, demo_pbc):
+    """Short batches are padded to a power of two rows (few input shapes); the padding changes no cell."""
+    images = [Image.open(path).convert("RGB") for path in sorted(demo_pbc.glob("*/*.jpg"))[::13][:5]]
+    for folder in (shared_set[0], trained_set[0]):
+        classifier = TreeClassifier(folder, CellTree.default(), second_look=0)
+        together = classifier.classify(images, batch_size=8)  # 5 cells padded to 8 rows
+        alone = [classifier.classify([image])[0] for image in images]
+        for a, b in zip(together, alone, strict=True):
+            assert [(s.node, s.code) for s in a.path] == [(s.node, s.code) for s in b.path]
+            assert [s.probability for s in a.path] == pytest.approx([s.probability for s in b.path], abs=1e-4)

@@ -25,7 +25,7 @@ class ClassifiedCellSerializer(serializers.ModelSerializer):
     class Meta:
         model = ClassifiedCell
         fields = ["id", "run", "index", "original_name", "image", "sha256", "predicted_type", "path", "confidence",
-                  "flags", "resolved", "guess_type", "final_type", "corrected_by", "corrected_at", "version",
+                  "flags", "resolved", "views", "guess_type", "final_type", "corrected_by", "corrected_at", "version",
                   "model_set_name"]
 
 

@@ -94,6 +94,8 @@ class ClassifiedCell(models.Model):
     guess_type = models.ForeignKey(CellType, null=True, blank=True, on_delete=models.PROTECT, related_name="+",
                                    help_text="Where the most probable path leads with thresholds ignored: the "
                                              "best guess for a cell that stopped unresolved.")
+    views = models.PositiveSmallIntegerField(default=1, help_text="Views of the cell its probabilities average: "
+                                                                 "more than 1 after a second look at an unsure cell.")
     final_type = models.ForeignKey(CellType, on_delete=models.PROTECT, related_name="+")
     corrected_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
                                      related_name="+")

@@ -318,6 +318,7 @@ def _classify_chunk(run, image_source, files, offset, classifier, types, limits,
             height=height, predicted_type=predicted, final_type=predicted, guess_type=types.get(prediction.guess),
             path=prediction.as_dict()["path"],
             confidence=round(prediction.confidence, 5), flags=prediction.flags, resolved=prediction.resolved,
+            views=prediction.views,
             model_set=run.model_set, model_set_name=run.model_set_name,
         ))
     with transaction.atomic():
@@ -516,7 +517,7 @@ def send_corrections_to_dataset(*, run_id: int, dataset: str = DEFAULT_CORRECTIO
 # --- export ------------------------------------------------------------------------------------
 
 CSV_COLUMNS = ["file", "index", "predicted", "predicted_name", "path", "confidence", "final", "final_name",
-               "changed", "flags", "resolved", "corrected_by", "corrected_at", "model_set", "best_guess"]
+               "changed", "flags", "resolved", "corrected_by", "corrected_at", "model_set", "best_guess", "views"]
 
 
 def _cell_safe(value) -> str:
@@ -542,7 +543,7 @@ def write_csv(run: ClassificationRun, out) -> int:
             "; ".join(cell.flags), "yes" if cell.resolved else "no",
             cell.corrected_by.get_username() if cell.corrected_by else "",
             cell.corrected_at.isoformat(timespec="seconds") if cell.corrected_at else "", cell.model_set_name,
-            cell.guess_type.code if cell.guess_type else "",
+            cell.guess_type.code if cell.guess_type else "", cell.views,
         )])
         n += 1
     return n

@@ -28,7 +28,7 @@ from apps.classifiers.models import ModelSet
 from apps.classifiers.services import RegistryError, register_model_set
 from apps.operations.workers import lower_priority
 from hemoweb.ml.data import assign_splits
-from hemoweb.ml.evaluate import evaluate_tree
+from hemoweb.ml.evaluate import choose_second_look, evaluate_tree
 from hemoweb.ml.infer import TreeClassifier, pick_device
 from hemoweb.ml.sources import BadImage, ImageSource, SourceError, open_rgb
 from hemoweb.ml.train import (CHECKPOINTS, CellRecord, Progress, TrainConfig, TrainingCancelled, TrainingError,
@@ -234,8 +234,7 @@ def _evaluate_into_set(folder: Path, dataset: Dataset, tree) -> dict:
     if not items:
         return {}
     result = evaluate_tree(TreeClassifier(folder, tree), items)
-    set_card.metrics = {**result, "nodes": set_card.metrics.get("nodes", {}),
-                        "evaluated_on": f"test split of {dataset.name}"}
+    set_card.metrics = {**set_card.metrics, **result, "evaluated_on": f"test split of {dataset.name}"}
     write_set(folder, set_card)
     return result
 
@@ -246,7 +245,8 @@ def _dataset_items(dataset: Dataset, split: str) -> list:
     return [(_loader(default_storage.path(image)), code) for image, code in cells]
 
 
-def evaluate_dataset(name: str, *, split: str = "test", models: str | None = None) -> dict:
+def evaluate_dataset(name: str, *, split: str = "test", models: str | None = None,
+                     second_look: int | None = None) -> dict:
     """Whole-tree evaluation on a stored dataset's cells of one split (the test cells trainings left out)."""
     dataset = Dataset.objects.filter(name=name).first()
     if dataset is None:
@@ -255,14 +255,46 @@ def evaluate_dataset(name: str, *, split: str = "test", models: str | None = Non
     items = _dataset_items(dataset, split)
     if not items:
         raise EvaluationError(f"Dataset {name} has no {split} cells yet: splits are assigned when a training starts.")
-    try:
-        classifier = TreeClassifier(folder, CellType.objects.as_tree())
-        classifier.check()
-    except ModelFileError as error:
-        raise EvaluationError(str(error)) from error
+    classifier = _evaluation_classifier(folder, second_look)
     result = evaluate_tree(classifier, items)
     result.update(model_set=str(folder), evaluated_on=f"{split} split of {name}")
     return result
+
+
+def choose_dataset_second_look(name: str, *, models: str | None = None) -> tuple[Path, int, dict[int, float]]:
+    """Choose a set's second look on a dataset's validation cells and store it in set.json (and the registry).
+
+    For sets trained before trainings chose it themselves. Returns (set folder, views, accuracy per option).
+    """
+    dataset = Dataset.objects.filter(name=name).first()
+    if dataset is None:
+        raise EvaluationError(f"No dataset named {name!r}.")
+    folder = model_set_folder(models)
+    items = _dataset_items(dataset, "val")
+    if not items:
+        raise EvaluationError(f"Dataset {name} has no val cells yet: splits are assigned when a training starts.")
+    classifier = _evaluation_classifier(folder, None)
+    views, scores = choose_second_look(classifier, [load() for load, _ in items], [code for _, code in items])
+    set_card = read_set(folder)
+    set_card.second_look = views
+    set_card.metrics["second_look"] = {"views": views, "val_accuracy": {str(k): v for k, v in scores.items()},
+                                       "chosen_on": f"val split of {name}"}
+    write_set(folder, set_card)
+    for model_set in ModelSet.objects.all():
+        if model_set.path.resolve() == folder.resolve():
+            model_set.card = {**model_set.card, "second_look": views}
+            model_set.save(update_fields=["card"])
+    return folder, views, scores
+
+
+def _evaluation_classifier(folder: Path, second_look: int | None) -> TreeClassifier:
+    """The set's classifier, every node loaded; second_look (views) overrides the set's own when given."""
+    try:
+        classifier = TreeClassifier(folder, CellType.objects.as_tree(), second_look=second_look)
+        classifier.check()
+    except (ModelFileError, ValueError) as error:
+        raise EvaluationError(str(error)) from error
+    return classifier
 
 
 def _loader(path: str):
@@ -351,17 +383,15 @@ def model_set_folder(models: str | None) -> Path:
 
 
 def evaluate_source(source: Path | str, *, models: str | None = None, labels_csv: bytes | None = None,
-                    label_map_csv: bytes | None = None) -> dict:
+                    label_map_csv: bytes | None = None, second_look: int | None = None) -> dict:
     """Whole-tree evaluation of a labelled folder or .zip (the import_cells layouts) with a model set."""
     folder = model_set_folder(models)
-    tree = CellType.objects.as_tree()
     lookup = label_lookup(CellType.objects.all())
     try:
         label_map = load_label_map(label_map_csv)
-        classifier = TreeClassifier(folder, tree)
-        classifier.check()
-    except (ImportError_, ModelFileError) as error:
+    except ImportError_ as error:
         raise EvaluationError(str(error)) from error
+    classifier = _evaluation_classifier(folder, second_look)
     limits = upload_limits()
     try:
         with ImageSource(source, limits) as image_source:

@@ -19,9 +19,16 @@ from PIL import Image
 
 from .preprocess import normalize, resize_uint8
 from .tree import CellTree
-from .weights import ModelCard, cached_model, load_backbone, load_head, read_set
+from .weights import SET_CARD, ModelCard, cached_model, load_backbone, load_head, read_set
 
 ALWAYS_FLAG = ("BLA", "ABN")  # codes whose cells (and descendants) always go to a human
+VIEW_ORDER = (0, 4, 2, 6, 1, 5, 3, 7)  # the 8 views of a cell (see `view`), most different first
+
+
+def view(batch: torch.Tensor, k: int) -> torch.Tensor:
+    """View k (0-7) of a (B, C, H, W) batch: turned k × 90° (k < 4), or mirrored and turned (k ≥ 4)."""
+    turned = torch.rot90(batch, k % 4, dims=(2, 3)) if k % 4 else batch
+    return turned.flip(3) if k >= 4 else turned
 
 
 @dataclass
@@ -40,10 +47,16 @@ class TreePrediction:
     resolved: bool = False  # reached a leaf of the tree (or the deepest node with data)
     flags: list[str] = field(default_factory=list)
     guess: str = ""  # the code the most probable path reaches with thresholds ignored (= code when resolved)
+    views: int = 1  # how many views of the cell its probabilities average (more than 1 after a second look)
 
     @property
     def flagged(self) -> bool:
         return bool(self.flags)
+
+    @property
+    def unsure(self) -> bool:
+        """Stopped above a leaf because a probability fell below its node's threshold."""
+        return any(flag.startswith("unsure") for flag in self.flags)
 
     @property
     def confidence(self) -> float:
@@ -60,6 +73,7 @@ class TreePrediction:
             "resolved": self.resolved,
             "flags": self.flags,
             "guess": self.guess,
+            "views": self.views,
         }
 
 
@@ -67,13 +81,16 @@ class TreeClassifier:
     """The node classifiers of one model set, used together down the tree."""
 
     def __init__(self, set_folder: Path, tree: CellTree, device: str | torch.device = "cpu",
-                 thresholds: dict[str, float] | None = None):
+                 thresholds: dict[str, float] | None = None, second_look: int | None = None):
         self.folder = Path(set_folder)
         self.tree = tree
         self.device = torch.device(device)
         self.set_card = read_set(self.folder)
         self.node_files = {node: self.folder / name for node, name in self.set_card.nodes.items()}
         self._thresholds = thresholds or {}
+        self.second_look = self.set_card.second_look if second_look is None else second_look
+        if not 0 <= self.second_look <= len(VIEW_ORDER):
+            raise ValueError(f"A second look takes 0 to {len(VIEW_ORDER)} views, not {self.second_look}.")
 
     @property
     def shared(self) -> bool:
@@ -102,12 +119,29 @@ class TreeClassifier:
 
     @torch.inference_mode()
     def classify(self, images: Sequence[Image.Image | torch.Tensor], batch_size: int = 64) -> list[TreePrediction]:
-        """Predict a tree path for every image (PIL, or uint8 (3, S, S) tensors already at the input size)."""
-        predictions = [TreePrediction(code=self.tree.root, guess=self.tree.root) for _ in images]
+        """Predict a tree path for every image (PIL, or uint8 (3, S, S) tensors already at the input size).
+
+        A cell left unsure gets a second look when the set asks for one: its probabilities averaged over
+        `second_look` rotated and mirrored views (a cell has no up or down), the tree walked again.
+        """
+        predictions = self._walk(images, batch_size, views=1)
+        if self.second_look > 1:
+            unsure = [index for index, prediction in enumerate(predictions) if prediction.unsure]
+            if unsure:
+                again = self._walk([images[index] for index in unsure], batch_size, views=self.second_look)
+                for index, prediction in zip(unsure, again, strict=True):
+                    predictions[index] = prediction
+        for prediction in predictions:
+            self._finish(prediction)
+        return predictions
+
+    def _walk(self, images: Sequence[Image.Image | torch.Tensor], batch_size: int, views: int) -> list[TreePrediction]:
+        """Every image down the tree, node by node, with probabilities averaged over `views` views."""
+        predictions = [TreePrediction(code=self.tree.root, guess=self.tree.root, views=views) for _ in images]
         stopped: set[int] = set()  # cells that stopped below a threshold and go on only for their best guess
         pending = {self.tree.root: list(range(len(images)))} if self.tree.root in self.node_files else {}
         resized: dict[int, dict[int, torch.Tensor]] = {}  # input size -> image index -> uint8 tensor
-        features = self._features(images, batch_size) if pending and self.shared else None
+        features = self._features(images, batch_size, views) if pending and self.shared else None
         while pending:
             node, indices = next(iter(pending.items()))
             del pending[node]
@@ -121,11 +155,12 @@ class TreeClassifier:
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start:start + batch_size]
                 if features is None:
-                    batch = normalize(torch.stack([by_index[i] for i in chunk]).to(self.device), card.mean, card.std)
-                    logits = self._forward(model, batch)
-                else:  # shared backbone: the node's head on the features computed once
-                    logits = model(features[chunk])
-                probabilities = logits.softmax(dim=1).float().cpu()
+                    batch = torch.stack([by_index[i] for i in chunk]).to(self.device)
+                    logits = [self._forward(model, normalize(view(batch, k), card.mean, card.std), batch_size)
+                              for k in VIEW_ORDER[:views]]
+                else:  # shared backbone: the node's head on the features computed once per view
+                    logits = [model(view_features[chunk]) for view_features in features]
+                probabilities = torch.stack([out.float().softmax(dim=1) for out in logits]).mean(dim=0).cpu()
                 best_p, best_i = probabilities.max(dim=1)
                 for index, p, i in zip(chunk, best_p.tolist(), best_i.tolist(), strict=True):
                     code = card.classes[i]
@@ -133,7 +168,8 @@ class TreeClassifier:
                     if index not in stopped:
                         prediction.path.append(Step(node, code, p))
                         if p < threshold:
-                            prediction.flags.append(f"unsure at {node}: {p:.2f} < {threshold:.2f}")
+                            looked = f" ({views} views)" if views > 1 else ""
+                            prediction.flags.append(f"unsure at {node}: {p:.2f} < {threshold:.2f}{looked}")
                             stopped.add(index)
                     code = card.resolves_to.get(code, code)
                     prediction.guess = code
@@ -141,29 +177,39 @@ class TreeClassifier:
                         prediction.code = code
                     if code in self.node_files:
                         pending.setdefault(code, []).append(index)
-        for prediction in predictions:
-            self._finish(prediction)
         return predictions
 
-    def _features(self, images: Sequence[Image.Image | torch.Tensor], batch_size: int) -> torch.Tensor:
-        """The shared backbone's pooled features of every image, (N, D) float on the device."""
+    def _features(self, images: Sequence[Image.Image | torch.Tensor], batch_size: int,
+                  views: int = 1) -> list[torch.Tensor]:
+        """The shared backbone's pooled features of every image, one (N, D) float tensor per view."""
         backbone, card = self.backbone()
-        chunks = []
+        chunks: list[list[torch.Tensor]] = [[] for _ in range(views)]
         for start in range(0, len(images), batch_size):
             stacked = torch.stack([_at_size(image, card) for image in images[start:start + batch_size]])
-            chunks.append(self._forward(backbone, normalize(stacked.to(self.device), card.mean, card.std)).float())
-        return torch.cat(chunks)
+            stacked = stacked.to(self.device)
+            for out, k in zip(chunks, VIEW_ORDER[:views], strict=False):
+                batch = normalize(view(stacked, k), card.mean, card.std)
+                out.append(self._forward(backbone, batch, batch_size).float())
+        return [torch.cat(out) for out in chunks]
 
-    def _forward(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    def _forward(self, model: torch.nn.Module, batch: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The model on a batch padded to a power of two rows (at most batch_size), the padding dropped after.
+
+        A short batch (the end of an upload, a second look at a few cells) would otherwise bring a new input
+        shape each time, and the CPU kernels cached per shape would keep taking memory.
+        """
+        n = len(batch)
+        rows = min(1 << (n - 1).bit_length(), max(batch_size, n))
+        if rows > n:  # the last image repeated: rows do not mix in eval mode
+            batch = torch.cat([batch, batch[-1:].expand(rows - n, *batch.shape[1:])])
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                return model(batch.contiguous(memory_format=torch.channels_last))
-        return model(batch)
+                return model(batch.contiguous(memory_format=torch.channels_last))[:n]
+        return model(batch)[:n]
 
     def _finish(self, prediction: TreePrediction) -> None:
         code = prediction.code
-        unsure = any(flag.startswith("unsure") for flag in prediction.flags)
-        prediction.resolved = not unsure and code in self.tree and (self.tree.is_leaf(code) or code not in self.node_files)
+        prediction.resolved = not prediction.unsure and code in self.tree and (self.tree.is_leaf(code) or code not in self.node_files)
         if code in self.tree:
             for marker in ALWAYS_FLAG:
                 if marker in self.tree.path(code):
@@ -195,8 +241,10 @@ _lock = threading.Lock()
 
 def tree_classifier(set_folder: Path, tree: CellTree, device: str = "cpu",
                     thresholds: dict[str, float] | None = None) -> TreeClassifier:
-    """One TreeClassifier per (folder, tree, device, thresholds) in this process."""
-    key = (str(Path(set_folder).resolve()), tuple(sorted(tree.parents.items(), key=str)), str(device),
+    """One TreeClassifier per (folder, tree, device, thresholds) in this process, renewed when set.json changes."""
+    folder = Path(set_folder).resolve()
+    card_time = (folder / SET_CARD).stat().st_mtime_ns if (folder / SET_CARD).is_file() else 0
+    key = (str(folder), card_time, tuple(sorted(tree.parents.items(), key=str)), str(device),
            tuple(sorted((thresholds or {}).items())))
     with _lock:
         if key not in _classifiers:

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from .data import AugmentConfig, Augmenter, DataError, NodeSet, build_node_sets, decode_cache
-from .infer import pick_device
+from .evaluate import choose_second_look
+from .infer import TreeClassifier, pick_device
 from .metrics import choose_threshold, classification_metrics
 from .tree import CellTree, resolve_single_path
 from .weights import (ModelCard, ModelFileError, ModelSetCard, as_half, classifier_key, create_model, read_card,
@@ -247,6 +248,19 @@ def train_tree(
               "skipped": {plan.node: plan.skipped for plan in skipped}},
     )
     write_set(out_dir, set_card)
+    val = [index for index in used if cells[index].split == "val"]
+    if val:
+        images = cache[[row[index] for index in val]] if len(cache) else decode_cache(
+            [cells[index].path for index in val], config.image_size, interpolation_for(config.architecture),
+            workers=config.decode_workers)
+        views, scores = choose_second_look(TreeClassifier(out_dir, tree, device), images,
+                                           [cells[index].label for index in val])
+        set_card.second_look = views
+        set_card.metrics["second_look"] = {"views": views, "val_accuracy": {str(k): v for k, v in scores.items()}}
+        write_set(out_dir, set_card)
+        tried = ", ".join(f"{k or 'none'} {v:.3f}" for k, v in scores.items())
+        callback(Progress("log", message=f"Second look for unsure cells: {views or 'none'} "
+                                         f"(whole-tree accuracy on {len(val)} validation cells by views: {tried})."))
     return set_card
 
 

@@ -123,7 +123,7 @@ def write_json(path: Path, data: dict) -> None:
     """Write JSON through a temporary file so a reader never sees half a card."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -230,6 +230,7 @@ class ModelSetCard:
     data: dict = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     backbone: str = ""  # the shared backbone's file when the nodes share one (one backbone pass per cell)
+    second_look: int = 0  # views averaged for a cell left unsure by the first pass (0: no second look)
     format: str = "hemoweb-set-1"
 
     @classmethod

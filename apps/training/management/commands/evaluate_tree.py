@@ -19,6 +19,9 @@ class Command(BaseCommand):
         parser.add_argument("--models", help="Model set name or folder under models/ (default: the active set).")
         parser.add_argument("--labels", help="CSV with columns path,label.")
         parser.add_argument("--label-map", help="CSV with columns label,cell_type_code (labels that are a tree code, a type's name or alias need none).")
+        parser.add_argument("--second-look", type=int, metavar="VIEWS",
+                            help="Views averaged for a cell the first pass leaves unsure (0 = none; default: the "
+                                 "set's own, chosen on validation cells when it was trained).")
         parser.add_argument("--json", help="Write the metrics as JSON to this file.")
 
     def handle(self, *args, **o):
@@ -26,10 +29,12 @@ class Command(BaseCommand):
             raise CommandError("Give either SOURCE (a folder or .zip) or --dataset NAME.")
         try:
             if o["dataset"]:
-                result = evaluate_dataset(o["dataset"], split=o["split"], models=o["models"])
+                result = evaluate_dataset(o["dataset"], split=o["split"], models=o["models"],
+                                          second_look=o["second_look"])
             else:
                 result = evaluate_source(o["source"], models=o["models"], labels_csv=read_optional(o["labels"], "labels"),
-                                         label_map_csv=read_optional(o["label_map"], "label map"))
+                                         label_map_csv=read_optional(o["label_map"], "label map"),
+                                         second_look=o["second_look"])
         except EvaluationError as error:
             raise CommandError(str(error)) from error
         if o["json"]:
@@ -37,7 +42,8 @@ class Command(BaseCommand):
         coarse, forced = result["coarse8"], result["forced"]
         self.stdout.write(
             f"n {result['n']}: accuracy {result['accuracy']:.4f}, balanced accuracy {result['balanced_accuracy']:.4f}, "
-            f"macro-F1 {result['macro_f1']:.4f}, coverage {result['coverage']:.4f}\n"
+            f"macro-F1 {result['macro_f1']:.4f}, coverage {result['coverage']:.4f} "
+            f"(second look: {result['second_look'] or 'none'})\n"
             f"8 classes (n {coarse['n']}): accuracy {coarse['accuracy']:.4f}, balanced accuracy "
             f"{coarse['balanced_accuracy']:.4f}, macro-F1 {coarse['macro_f1']:.4f}\n"
             f"Forced to the best guess (no refusals): accuracy {forced['accuracy']:.4f}, macro-F1 "
