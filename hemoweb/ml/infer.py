@@ -7,6 +7,10 @@ top probability at a node is below that node's threshold stops there ("Myeloid, 
 flagged for review; blasts and the abnormal branch are always flagged. Such a cell still gets a best
 guess: the code reached by following the most probable child all the way down, thresholds ignored,
 which the verification page offers and evaluation scores as the forced (no refusal) result.
+
+A set may ask for a second look (`second_look` in set.json, chosen on validation cells when it was
+trained): each cell left unsure goes down the tree again with its probabilities averaged over that many
+turned and mirrored views, and stops only if it is still unsure.
 """
 
 import threading
