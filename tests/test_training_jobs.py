@@ -220,6 +220,11 @@ def test_a_shared_backbone_job_from_the_api_registers_a_set_that_classifies_and_
     assert "scratch, shared backbone" in compare and compare.count("mobilenetv3_small_050") == 2
     page = lab_only.get(reverse("classifiers:model-set", args=[model_set.pk])).content.decode()
     assert "one shared backbone with a head per node" in page
+    # the second look the job chose on the validation cells, with what each choice scored there
+    chosen = model_set.metrics["second_look_choice"]
+    assert model_set.card["second_look"] == chosen["views"]
+    assert "Second look: " in page and "chosen on validation cells" in page
+    assert all(f"{accuracy:.3f}" in page for accuracy in chosen["val_accuracy"].values())
 
 
 def test_train_tree_fine_tunes_a_trained_sets_backbone_given_by_a_path_here(pbc_dataset, settings, monkeypatch):
@@ -243,15 +248,16 @@ def test_choose_second_look_stores_the_choice_and_evaluate_tree_can_override_it(
     model_set = finished_job.result
     card = read_set(model_set.path)  # as a set trained before trainings chose a second look
     card.second_look = 0
-    card.metrics.pop("second_look", None)
+    card.metrics.pop("second_look_choice", None)
     write_set(model_set.path, card)
     call_command("choose_second_look", "--dataset", pbc_dataset.name, "--models", "tiny set")
     stored = read_set(model_set.path)
-    scores = stored.metrics["second_look"]["val_accuracy"]
-    assert stored.metrics["second_look"]["chosen_on"] == f"val split of {pbc_dataset.name}"
+    scores = stored.metrics["second_look_choice"]["val_accuracy"]
+    assert stored.metrics["second_look_choice"]["chosen_on"] == f"val split of {pbc_dataset.name}"
     assert scores[str(stored.second_look)] == max(scores.values())
     model_set.refresh_from_db()
     assert model_set.card["second_look"] == stored.second_look  # the registry shows what the folder holds
+    assert model_set.metrics["second_look_choice"] == stored.metrics["second_look_choice"]
     out = tmp_path / "none.json"
     call_command("evaluate_tree", "--dataset", pbc_dataset.name, "--models", "tiny set", "--second-look", "0",
                  "--json", str(out))

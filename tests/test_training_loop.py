@@ -302,7 +302,7 @@ def test_training_chooses_the_second_look_on_its_validation_cells(shared_set):
     from hemoweb.ml.evaluate import SECOND_LOOKS
 
     folder, card, events = shared_set
-    chosen = read_set(folder).metrics["second_look"]
+    chosen = read_set(folder).metrics["second_look_choice"]
     scores = {int(views): accuracy for views, accuracy in chosen["val_accuracy"].items()}
     assert set(scores) == set(SECOND_LOOKS) and card.second_look == read_set(folder).second_look == chosen["views"]
     best = max(scores.values())

@@ -28,7 +28,7 @@ from apps.classifiers.models import ModelSet
 from apps.classifiers.services import RegistryError, register_model_set
 from apps.operations.workers import lower_priority
 from hemoweb.ml.data import assign_splits
-from hemoweb.ml.evaluate import choose_second_look, evaluate_tree
+from hemoweb.ml.evaluate import choose_second_look, evaluate_tree, record_second_look
 from hemoweb.ml.infer import TreeClassifier, pick_device
 from hemoweb.ml.sources import BadImage, ImageSource, SourceError, open_rgb
 from hemoweb.ml.train import (CHECKPOINTS, CellRecord, Progress, TrainConfig, TrainingCancelled, TrainingError,
@@ -276,14 +276,13 @@ def choose_dataset_second_look(name: str, *, models: str | None = None) -> tuple
     classifier = _evaluation_classifier(folder, None)
     views, scores = choose_second_look(classifier, [load() for load, _ in items], [code for _, code in items])
     set_card = read_set(folder)
-    set_card.second_look = views
-    set_card.metrics["second_look"] = {"views": views, "val_accuracy": {str(k): v for k, v in scores.items()},
-                                       "chosen_on": f"val split of {name}"}
+    record_second_look(set_card, views, scores, chosen_on=f"val split of {name}")
     write_set(folder, set_card)
     for model_set in ModelSet.objects.all():
         if model_set.path.resolve() == folder.resolve():
             model_set.card = {**model_set.card, "second_look": views}
-            model_set.save(update_fields=["card"])
+            model_set.metrics = {**model_set.metrics, "second_look_choice": set_card.metrics["second_look_choice"]}
+            model_set.save(update_fields=["card", "metrics"])
     return folder, views, scores
 
 

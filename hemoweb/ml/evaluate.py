@@ -18,6 +18,7 @@ from PIL import Image
 from .infer import VIEW_ORDER, TreeClassifier, TreePrediction
 from .metrics import classification_metrics
 from .tree import COARSE8, CellTree
+from .weights import ModelSetCard
 
 UNRESOLVED = "(unresolved)"
 OTHER = "(other)"
@@ -118,3 +119,10 @@ def choose_second_look(classifier: TreeClassifier, images: Sequence[Image.Image 
     finally:
         classifier.second_look = kept
     return max(options, key=lambda views: (scores[views], -views)), scores
+
+
+def record_second_look(set_card: ModelSetCard, views: int, scores: dict[int, float], **where: str) -> None:
+    """Put a second-look choice into a set's card: the views, and what each option scored (metrics.second_look_choice)."""
+    set_card.second_look = views
+    set_card.metrics["second_look_choice"] = {"views": views, "val_accuracy": {str(k): v for k, v in scores.items()},
+                                              **where}

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from .data import AugmentConfig, Augmenter, DataError, NodeSet, build_node_sets, decode_cache
-from .evaluate import choose_second_look
+from .evaluate import choose_second_look, record_second_look
 from .infer import TreeClassifier, pick_device
 from .metrics import choose_threshold, classification_metrics
 from .tree import CellTree, resolve_single_path
@@ -255,8 +255,7 @@ def train_tree(
             workers=config.decode_workers)
         views, scores = choose_second_look(TreeClassifier(out_dir, tree, device), images,
                                            [cells[index].label for index in val])
-        set_card.second_look = views
-        set_card.metrics["second_look"] = {"views": views, "val_accuracy": {str(k): v for k, v in scores.items()}}
+        record_second_look(set_card, views, scores)
         write_set(out_dir, set_card)
         tried = ", ".join(f"{k or 'none'} {v:.3f}" for k, v in scores.items())
         callback(Progress("log", message=f"Second look for unsure cells: {views or 'none'} "
