@@ -113,9 +113,16 @@ def choose_second_look(classifier: TreeClassifier, images: Sequence[Image.Image 
     kept = classifier.second_look
     scores: dict[int, float] = {}
     try:
+        classifier.second_look = 0
+        first = classifier.classify(images)  # the first pass once; each option only looks again at its unsure cells
+        unsure = [index for index, prediction in enumerate(first) if prediction.unsure]
         for views in options:
-            classifier.second_look = views
-            scores[views] = score_predictions(classifier.tree, labels, classifier.classify(images))["accuracy"]
+            predictions = list(first)
+            if views > 1 and unsure:
+                classifier.second_look = views
+                for index, prediction in zip(unsure, classifier.classify([images[i] for i in unsure]), strict=True):
+                    predictions[index] = prediction
+            scores[views] = score_predictions(classifier.tree, labels, predictions)["accuracy"]
     finally:
         classifier.second_look = kept
     return max(options, key=lambda views: (scores[views], -views)), scores
