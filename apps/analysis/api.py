@@ -26,7 +26,7 @@ class ClassifiedCellSerializer(serializers.ModelSerializer):
         model = ClassifiedCell
         fields = ["id", "run", "index", "original_name", "image", "sha256", "predicted_type", "path", "confidence",
                   "flags", "resolved", "views", "guess_type", "final_type", "corrected_by", "corrected_at", "version",
-                  "model_set_name"]
+                  "model_set_name", "scale", "background"]
 
 
 class RunSerializer(serializers.ModelSerializer):
@@ -38,7 +38,7 @@ class RunSerializer(serializers.ModelSerializer):
         model = ClassificationRun
         fields = ["id", "name", "owner", "created", "started", "finished", "status", "progress", "n_total", "n_done",
                   "error", "skipped", "model_set", "model_set_name", "model_set_version", "count_target", "locked",
-                  "signed_off_by", "signed_off_at"]
+                  "signed_off_by", "signed_off_at", "um_per_pixel", "scale", "colour"]
 
 
 class RunDetailSerializer(RunSerializer):
@@ -68,6 +68,9 @@ class RunCreateSerializer(serializers.Serializer):
                                       help_text="Model set name or id; the active set when left out.")
     count_target = serializers.ChoiceField(choices=ClassificationRun.TARGETS, default=100)
     name = serializers.CharField(required=False, allow_blank=True, max_length=200)
+    um_per_pixel = serializers.FloatField(required=False, allow_null=True, min_value=0.001, max_value=100,
+                                          help_text="The images' pixel size in µm: used when their red cells "
+                                                    "cannot be measured.")
 
 
 class CellCorrectionSerializer(serializers.Serializer):
@@ -105,6 +108,7 @@ class ClassificationRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
                 owner=request.user, files=request.FILES.getlist("files"),
                 models=form.validated_data.get("model_set") or None,
                 count_target=int(form.validated_data["count_target"]), name=form.validated_data.get("name", ""),
+                um_per_pixel=form.validated_data.get("um_per_pixel"),
             )
         except services.AnalysisError as error:
             return Response({"detail": str(error)}, status=status.HTTP_400_BAD_REQUEST)

@@ -13,6 +13,9 @@ class ClassifyForm(forms.Form):
     count_target = forms.TypedChoiceField(choices=ClassificationRun.TARGETS, coerce=int, initial=100, required=False,
                                            empty_value=100)
     name = forms.CharField(max_length=200, required=False, help_text="Sample or slide name (optional).")
+    um_per_pixel = forms.FloatField(required=False, min_value=0.001, max_value=100, label="Pixel size (µm)",
+                                    help_text="Optional: used only when the red cells on the images cannot be "
+                                              "measured (tight crops).")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -44,6 +44,12 @@ class ClassificationRun(WorkerFields):
                                       related_name="+")
     signed_off_at = models.DateTimeField(null=True, blank=True)
     locked = models.BooleanField(default=False)
+    um_per_pixel = models.FloatField(null=True, blank=True, help_text="Stated pixel size (µm), used when the red "
+                                                                      "cells cannot be measured.")
+    scale = models.JSONField(default=dict, blank=True, help_text="The scale the run was classified at (measured on "
+                                                                 "its images) and how its cells' own measures fell.")
+    colour = models.JSONField(default=dict, blank=True, help_text="The run's slide background against the "
+                                                                  "training one (its white balance).")
 
     class Meta:
         db_table = "ClassificationRuns"
@@ -96,6 +102,10 @@ class ClassifiedCell(models.Model):
                                              "best guess for a cell that stopped unresolved.")
     views = models.PositiveSmallIntegerField(default=1, help_text="Views of the cell its probabilities average: "
                                                                  "more than 1 after a second look at an unsure cell.")
+    scale = models.JSONField(default=dict, blank=True, help_text="The scale used (source, px/µm, against the "
+                                                                 "training scale) and the cell's own measure.")
+    background = models.JSONField(default=list, blank=True, help_text="The image's background colour (RGB) "
+                                                                      "before white balance.")
     final_type = models.ForeignKey(CellType, on_delete=models.PROTECT, related_name="+")
     corrected_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
                                      related_name="+")

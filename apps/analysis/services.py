@@ -35,6 +35,7 @@ from apps.classifiers.models import ModelSet
 from hemoweb.ml.counts import COUNT_TARGETS, Differential, differential
 from hemoweb.ml.infer import TreeClassifier, input_sizes, pick_device, tree_classifier
 from hemoweb.ml.preprocess import decode_one, decode_resized_batch
+from hemoweb.ml.standardise import as_rgb, colour_summary, measure, scale_summary
 from hemoweb.ml.sources import BadImage, ImageSource, SourceError
 from hemoweb.ml.weights import ModelFileError, read_set
 
@@ -159,7 +160,7 @@ def _store_upload(files) -> tuple[str, int]:
 
 
 def start_run(*, owner, files=None, models: ModelSet | str | int | None = None, count_target: int = 100,
-              name: str = "", run_async: bool | None = None) -> ClassificationRun:
+              name: str = "", run_async: bool | None = None, um_per_pixel: float | None = None) -> ClassificationRun:
     """Check the models, store the upload, create the run, then classify now or queue a background job."""
     if count_target not in COUNT_TARGETS:
         raise AnalysisError(f"The count target must be one of {', '.join(map(str, COUNT_TARGETS))} cells.")
@@ -175,7 +176,7 @@ def start_run(*, owner, files=None, models: ModelSet | str | int | None = None, 
     run = ClassificationRun.objects.create(
         owner=owner, name=name[:200], model_set=choice.model_set, model_set_name=choice.name,
         model_set_version=choice.version, model_folder=str(choice.folder), n_total=n_files,
-        upload=upload, count_target=count_target,
+        upload=upload, count_target=count_target, um_per_pixel=um_per_pixel,
     )
     if run_async is None:
         run_async = n_files > sync_max()
@@ -188,7 +189,8 @@ def start_run(*, owner, files=None, models: ModelSet | str | int | None = None, 
 
 
 def run_from_source(*, source: Path, models: ModelSet | str | None = None, owner=None,
-                    count_target: int = 100, draft: bool = False) -> ClassificationRun:
+                    count_target: int = 100, draft: bool = False, um_per_pixel: float | None = None,
+                    ) -> ClassificationRun:
     """Classify a folder or .zip on disk (the CLI): same pipeline, the source is read in place."""
     choice = choose_models(models)
     load_classifier(choice)
@@ -198,6 +200,7 @@ def run_from_source(*, source: Path, models: ModelSet | str | None = None, owner
     run = ClassificationRun.objects.create(
         owner=owner, name=source.name, model_set=choice.model_set, model_set_name=choice.name,
         model_set_version=choice.version, model_folder=str(choice.folder), count_target=count_target,
+        um_per_pixel=um_per_pixel,
     )
     return classify_run(run.pk, source=source, draft=draft)
 
@@ -260,18 +263,25 @@ def classify_run(run_id: int, *, source: Path | None = None, chunk: int | None =
         sizes = input_sizes(classifier)
         # one input size for every node: resize right after decoding and drop the full image (a chunk
         # then holds 256 small tensors, not 256 full-size images)
-        resize_to = next(iter(sizes)) if len(sizes) == 1 else None
-        draft_size = max(size for size, _ in sizes) if draft else 0
+        # (a set trained at a scale resamples each image first: it keeps the decoded image)
+        scaled = classifier.scale_reference is not None
+        resize_to = next(iter(sizes)) if len(sizes) == 1 and not scaled else None
+        draft_size = max(size for size, _ in sizes) if draft and not scaled else 0
         with ImageSource(location, limits) as image_source:
             files = list(image_source.files())
             run.n_total = len(files)
             run.beat()
             run.save(update_fields=["n_total", "heartbeat"])
+            scale = _run_scale(run, classifier, image_source, files, limits) if scaled else None
+            seen: dict[str, list] = {"scale": [], "background": []}
             for start in range(0, len(files), chunk):
                 _classify_chunk(run, image_source, files[start:start + chunk], start, classifier, types,
-                                limits, batch_size, draft_size, resize_to, clock, time.perf_counter)
+                                limits, batch_size, draft_size, resize_to, clock, time.perf_counter, scale, seen)
+        run.scale = {**({"run": scale.as_dict()} if scale else {}), **scale_summary(seen["scale"])}
+        run.colour = {**colour_summary(seen["background"], classifier.input_card.colour.get("reference")),
+                      "normalised": bool(classifier.input_card.colour)}
         run.status, run.finished = ClassificationRun.Status.SUCCEEDED, timezone.now()
-        run.save(update_fields=["status", "finished", "n_done", "skipped"])
+        run.save(update_fields=["status", "finished", "n_done", "skipped", "scale", "colour"])
     except (SourceError, AnalysisError, ModelFileError) as error:
         _mark_failed(run, str(error))
     except Exception as error:  # the run must say it failed, whatever broke
@@ -285,8 +295,26 @@ def classify_run(run_id: int, *, source: Path | None = None, chunk: int | None =
     return run
 
 
+SCALE_SAMPLE = 32  # images a run's scale is measured on, spread over the upload
+
+
+def _run_scale(run, classifier, image_source, files, limits):
+    """The run's scale, measured on up to SCALE_SAMPLE of its images spread over the upload (unreadable ones left
+    out: they are skipped with their reason later), with the run's stated pixel size as the fallback."""
+    step = max(1, len(files) // SCALE_SAMPLE)
+    measured = []
+    for file in files[::step][:SCALE_SAMPLE]:
+        try:
+            result = decode_one(image_source.read(file.path), limits.max_pixels)
+        except (SourceError, zipfile.BadZipFile, zlib.error, EOFError):
+            continue
+        if not isinstance(result, BadImage):
+            measured.append(measure(as_rgb(result[0])))
+    return classifier.estimate_scale([], run.um_per_pixel, measured=measured)
+
+
 def _classify_chunk(run, image_source, files, offset, classifier, types, limits, batch_size, draft_size, resize_to,
-                    clock, now) -> None:
+                    clock, now, scale=None, seen=None) -> None:
     started = now()
     read = []
     for index, file in enumerate(files, offset):
@@ -303,7 +331,8 @@ def _classify_chunk(run, image_source, files, offset, classifier, types, limits,
             decoded.append((index, path, data, *result))
     clock["decode"] += now() - started
     started = now()
-    predictions = classifier.classify([item[3] for item in decoded], batch_size) if decoded else []
+    predictions = classifier.classify([item[3] for item in decoded], batch_size, scale=scale,
+                                      stated_um_per_px=run.um_per_pixel) if decoded else []
     clock["inference"] += now() - started
     started = now()
     root = types[classifier.tree.root]
@@ -318,9 +347,12 @@ def _classify_chunk(run, image_source, files, offset, classifier, types, limits,
             height=height, predicted_type=predicted, final_type=predicted, guess_type=types.get(prediction.guess),
             path=prediction.as_dict()["path"],
             confidence=round(prediction.confidence, 5), flags=prediction.flags, resolved=prediction.resolved,
-            views=prediction.views,
+            views=prediction.views, scale=prediction.scale, background=prediction.background,
             model_set=run.model_set, model_set_name=run.model_set_name,
         ))
+    if seen is not None:
+        seen["scale"].extend(prediction.scale for prediction in predictions)
+        seen["background"].extend(prediction.background for prediction in predictions)
     with transaction.atomic():
         ClassifiedCell.objects.bulk_create(rows)
         run.n_done = offset + len(files)
@@ -517,7 +549,8 @@ def send_corrections_to_dataset(*, run_id: int, dataset: str = DEFAULT_CORRECTIO
 # --- export ------------------------------------------------------------------------------------
 
 CSV_COLUMNS = ["file", "index", "predicted", "predicted_name", "path", "confidence", "final", "final_name",
-               "changed", "flags", "resolved", "corrected_by", "corrected_at", "model_set", "best_guess", "views"]
+               "changed", "flags", "resolved", "corrected_by", "corrected_at", "model_set", "best_guess", "views",
+               "scale_source", "px_per_um", "scale_vs_training", "own_px_per_um"]
 
 
 def _cell_safe(value) -> str:
@@ -543,7 +576,8 @@ def write_csv(run: ClassificationRun, out) -> int:
             "; ".join(cell.flags), "yes" if cell.resolved else "no",
             cell.corrected_by.get_username() if cell.corrected_by else "",
             cell.corrected_at.isoformat(timespec="seconds") if cell.corrected_at else "", cell.model_set_name,
-            cell.guess_type.code if cell.guess_type else "", cell.views,
+            cell.guess_type.code if cell.guess_type else "", cell.views, cell.scale.get("source", ""),
+            cell.scale.get("px_per_um") or "", cell.scale.get("ratio") or "", cell.scale.get("own_px_per_um") or "",
         )])
         n += 1
     return n

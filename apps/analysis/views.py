@@ -57,6 +57,7 @@ def home(request):
             run = services.start_run(
                 owner=request.user, files=request.FILES.getlist("files"), models=form.cleaned_data["model_set"],
                 count_target=form.cleaned_data["count_target"], name=form.cleaned_data["name"],
+                um_per_pixel=form.cleaned_data["um_per_pixel"],
             )
         except services.AnalysisError as error:
             form.add_error(None, str(error))

@@ -272,7 +272,7 @@ def detect_image(upload, *, detector: Detector | None = None, classify: bool = T
     trees: list[dict | None] = [None] * len(white)
     set_name, note = "", ""
     if classify and white:
-        trees, set_name, note = _classify(crops)
+        trees, set_name, note = _classify(crops, image, white)
     cells = []
     for box, crop, tree in zip(white, crops, trees, strict=True):
         buffer = io.BytesIO()
@@ -281,16 +281,26 @@ def detect_image(upload, *, detector: Detector | None = None, classify: bool = T
     return DetectionResult(detector.name, list(model.card.classes), detection, cells, image, set_name, note)
 
 
-def _classify(crops) -> tuple[list[dict | None], str, str]:
+def _classify(crops, field, boxes) -> tuple[list[dict | None], str, str]:
+    """The white cells down the tree. A set trained at a scale gets each cell as a window of its training field
+    (in µm) cut from the smear around the cell, at the smear's scale (its many red cells: the best ruler)."""
     from apps.cells.models import CellType
     from apps.classifiers.models import ModelSet
     from hemoweb.ml.infer import TreeClassifier
+    from hemoweb.ml.standardise import centred_window
 
     model_set = ModelSet.objects.active()
     if model_set is None:
         return [None] * len(crops), "", "No classifier model set is active: white cells are found but not classified."
     try:
-        predictions = TreeClassifier(model_set.path, CellType.objects.as_tree()).classify(crops)
+        classifier = TreeClassifier(model_set.path, CellType.objects.as_tree())
+        reference, scale = classifier.scale_reference, None
+        if reference is not None:
+            scale = classifier.estimate_scale([field])
+            if not scale.flag:
+                side = max(8, round(reference.field_px / scale.applied))
+                crops = [centred_window(field, side, ((b.x1 + b.x2) / 2, (b.y1 + b.y2) / 2)) for b in boxes]
+        predictions = classifier.classify(crops, scale=scale)
     except (ModelFileError, FileNotFoundError, KeyError) as error:
         return [None] * len(crops), model_set.name, f"The model set {model_set.name} cannot classify: {error}"
     return [p.as_dict() for p in predictions], model_set.name, ""

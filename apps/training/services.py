@@ -246,7 +246,7 @@ def _dataset_items(dataset: Dataset, split: str) -> list:
 
 
 def evaluate_dataset(name: str, *, split: str = "test", models: str | None = None,
-                     second_look: int | None = None) -> dict:
+                     second_look: int | None = None, um_per_pixel: float | None = None) -> dict:
     """Whole-tree evaluation on a stored dataset's cells of one split (the test cells trainings left out)."""
     dataset = Dataset.objects.filter(name=name).first()
     if dataset is None:
@@ -256,7 +256,7 @@ def evaluate_dataset(name: str, *, split: str = "test", models: str | None = Non
     if not items:
         raise EvaluationError(f"Dataset {name} has no {split} cells yet: splits are assigned when a training starts.")
     classifier = _evaluation_classifier(folder, second_look)
-    result = evaluate_tree(classifier, items)
+    result = evaluate_tree(classifier, items, stated_um_per_px=um_per_pixel)
     result.update(model_set=str(folder), evaluated_on=f"{split} split of {name}")
     return result
 
@@ -382,7 +382,8 @@ def model_set_folder(models: str | None) -> Path:
 
 
 def evaluate_source(source: Path | str, *, models: str | None = None, labels_csv: bytes | None = None,
-                    label_map_csv: bytes | None = None, second_look: int | None = None) -> dict:
+                    label_map_csv: bytes | None = None, second_look: int | None = None,
+                    um_per_pixel: float | None = None) -> dict:
     """Whole-tree evaluation of a labelled folder or .zip (the import_cells layouts) with a model set."""
     folder = model_set_folder(models)
     lookup = label_lookup(CellType.objects.all())
@@ -405,7 +406,7 @@ def evaluate_source(source: Path | str, *, models: str | None = None, labels_csv
             if not items:
                 detail = f" Unknown labels: {', '.join(sorted(unknown))}." if unknown else ""
                 raise EvaluationError(f"No labelled images to evaluate in {source}.{detail}")
-            result = evaluate_tree(classifier, items)
+            result = evaluate_tree(classifier, items, stated_um_per_px=um_per_pixel)
     except (SourceError, ImportError_) as error:
         raise EvaluationError(str(error)) from error
     result["skipped"] = len(skipped) + sum(unknown.values())

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .preprocess import RESAMPLE
+from .standardise import ScaleReference, backgrounds, reference_from
 from .tree import CellTree, NodePlan, node_examples, plan_nodes
 
 SPLITS = ("train", "val", "test")
@@ -217,6 +218,19 @@ def decode_cache(
     return cache
 
 
+def training_scale(paths: Sequence[Path | str], sample: int = 400, seed: int = 0) -> ScaleReference:
+    """The training images' scale (red cells, field, white cells), measured on up to `sample` of them."""
+    chosen = sorted(random.Random(f"{seed}:scale").sample(list(paths), min(sample, len(paths))))
+    images = []
+    for path in chosen:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    try:
+        return reference_from(images)
+    except ValueError as error:
+        raise DataError(str(error)) from error
+
+
 # --- augmentation -------------------------------------------------------------------------------
 
 
@@ -275,3 +289,104 @@ class Augmenter:
         gain = (1 + (torch.rand(n, 3, generator=self.generator) * 2 - 1) * c.stain).to(device).view(n, 3, 1, 1)
         offset = ((torch.rand(n, 3, generator=self.generator) * 2 - 1) * c.stain / 2).to(device).view(n, 3, 1, 1)
         return (x * gain + offset).clamp(0, 1)
+
+
+# --- augmentation that expects other labs ---------------------------------------------------------
+
+# Ruifrok & Johnston's stain vectors (haematoxylin, eosin, DAB) as rows: optical density per RGB channel
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+
+
+@dataclass
+class LabShiftConfig:
+    """What changes from lab to lab, drawn at random per cell before the colour normalisation.
+
+    Applied after the geometric augmentation, in the order light meets the camera: the field (a tighter
+    crop), the stain (haematoxylin/eosin amounts and hues), the optics (defocus, a lower resolution), the lamp
+    and exposure (tint, dim, gamma), the sensor (noise, 8-bit levels at that exposure) and the file (JPEG).
+    """
+
+    tight_crop: float = 0.4  # share of cells shown through a smaller window (background beyond it) ...
+    tight_range: tuple[float, float] = (0.33, 0.9)  # ... of this fraction of the field's side
+    stain_scale: float = 0.25  # each stain's amount × U(1 ± this)
+    stain_shift: float = 0.05  # ... plus U(± this) optical density
+    blur: float = 0.3  # share of cells defocused, with sigma up to blur_sigma px
+    blur_sigma: float = 1.6
+    low_resolution: float = 0.25  # share of cells taken down to 1/3-2/3 resolution and back
+    tint: float = 0.25  # lamp/white-balance gain per channel, U(1 - this, 1)
+    dim: float = 0.5  # share of cells exposed at 15-100 %, quantised and noisy there
+    gamma: tuple[float, float] = (0.65, 1.5)
+    noise: float = 0.03  # Gaussian sensor noise up to this (of full scale)
+    jpeg: float = 0.2  # share of cells saved as JPEG at quality 30-90
+
+
+class LabShift:
+    """Random other-lab looks for a float (N, 3, H, W) batch in [0, 1] (CPU or GPU); returns float in [0, 1]."""
+
+    def __init__(self, config: LabShiftConfig | None = None, seed: int = 0):
+        self.config = config or LabShiftConfig()
+        self.generator = torch.Generator().manual_seed(seed + 7919)
+
+    def _rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.generator)
+
+    def _chosen(self, n: int, share: float, device) -> torch.Tensor:
+        return (self._rand(n) < share).to(device).view(n, 1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        c, (n, _, h, w), device = self.config, x.shape, x.device
+        # a tighter crop: the field beyond a centred window is the slide's background
+        background = backgrounds(x)
+        side = (self._rand(n) * (c.tight_range[1] - c.tight_range[0]) + c.tight_range[0]).to(device)
+        ys = (torch.arange(h, device=device).float() + 0.5) / h - 0.5
+        xs = (torch.arange(w, device=device).float() + 0.5) / w - 0.5
+        inside = (ys.abs().view(1, h, 1) <= side.view(n, 1, 1) / 2) & (xs.abs().view(1, 1, w) <= side.view(n, 1, 1) / 2)
+        tight = self._chosen(n, c.tight_crop, device)
+        x = torch.where(tight & ~inside[:, None], background.view(n, 3, 1, 1), x)
+        # stain: amounts and offsets of haematoxylin, eosin and the rest, in optical density
+        od = -torch.log(x.clamp_min(1 / 255))
+        rgb_from_hed = RGB_FROM_HED.to(device)
+        hed = od.permute(0, 2, 3, 1) @ torch.linalg.inv(rgb_from_hed)
+        scale = (1 + (self._rand(n, 1, 1, 3) * 2 - 1) * c.stain_scale).to(device)
+        shift = ((self._rand(n, 1, 1, 3) * 2 - 1) * c.stain_shift).to(device)
+        x = torch.exp(-((hed * scale + shift) @ rgb_from_hed).permute(0, 3, 1, 2)).clamp(0, 1)
+        # optics: defocus and lower resolution
+        sigma = float(self._rand(1)) * c.blur_sigma + 0.3
+        radius = max(1, int(round(2.5 * sigma)))
+        taps = torch.exp(-(torch.arange(-radius, radius + 1, device=device).float() ** 2) / (2 * sigma ** 2))
+        taps = taps / taps.sum()
+        padded = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+        blurred = F.conv2d(F.conv2d(padded, taps.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3),
+                           taps.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
+        x = torch.where(self._chosen(n, c.blur, device), blurred, x)
+        factor = 1.5 + float(self._rand(1)) * 1.5
+        small = F.interpolate(x, scale_factor=1 / factor, mode="bilinear", antialias=True, align_corners=False)
+        coarse = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+        x = torch.where(self._chosen(n, c.low_resolution, device), coarse, x)
+        # lamp and exposure: a tint, a gamma, a dim exposure
+        x = x * (1 - self._rand(n, 3, 1, 1) * c.tint).to(device)
+        gamma = (self._rand(n, 1, 1, 1) * (c.gamma[1] - c.gamma[0]) + c.gamma[0]).to(device)
+        x = x.clamp_min(1e-4) ** gamma
+        exposure = torch.where(self._rand(n, 1, 1, 1) < c.dim, 0.15 + self._rand(n, 1, 1, 1) * 0.85,
+                               torch.ones(n, 1, 1, 1)).to(device)
+        # the sensor: noise and 8-bit levels at that exposure
+        noise = torch.randn(x.shape, generator=self.generator).to(device) * (self._rand(n, 1, 1, 1) * c.noise).to(device)
+        x = ((x * exposure + noise).clamp(0, 1) * 255).round() / 255
+        return _jpeg(x, self._rand(n) < c.jpeg, (30 + self._rand(n) * 60).round().int().tolist())
+
+
+def _jpeg(x: torch.Tensor, chosen: torch.Tensor, qualities: list[int]) -> torch.Tensor:
+    """The chosen images saved as JPEG at their quality and read back (its 8×8 blocks and colour subsampling)."""
+    import io
+
+    if not chosen.any():
+        return x
+    x = x.clone()
+    for index in chosen.nonzero().flatten().tolist():
+        array = (x[index].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, "JPEG", quality=qualities[index])
+        buffer.seek(0)
+        decoded = np.asarray(Image.open(buffer).convert("RGB"), dtype=np.float32) / 255.0
+        x[index] = torch.from_numpy(decoded).permute(2, 0, 1).to(x.device)
+    return x

@@ -17,6 +17,7 @@ from PIL import Image
 
 from .infer import VIEW_ORDER, TreeClassifier, TreePrediction
 from .metrics import classification_metrics
+from .standardise import as_rgb, colour_summary, measure, scale_summary
 from .tree import COARSE8, CellTree
 from .weights import ModelSetCard
 
@@ -77,15 +78,27 @@ def evaluate_tree(
     *,
     chunk: int = 128,
     progress: Callable[[int], None] | None = None,
+    stated_um_per_px: float | None = None,
+    scale_sample: int = 200,
 ) -> dict:
-    """Classify (image loader, tree-code label) pairs in chunks and score them; images are opened lazily."""
+    """Classify (image loader, tree-code label) pairs in chunks and score them; images are opened lazily.
+
+    The cells are taken to come from one set-up: a set trained with a scale measures it once over up to
+    `scale_sample` of them, spread evenly (a folder sorted by type would otherwise give each type its own).
+    """
     labels: list[str] = []
     predictions: list[TreePrediction] = []
     pending: list[tuple[Callable[[], Image.Image], str]] = []
+    items = list(items)
+    scale = None
+    if classifier.scale_reference is not None and items:
+        step = max(1, len(items) // scale_sample)
+        scale = classifier.estimate_scale([], stated_um_per_px,
+                                          measured=[measure(as_rgb(load())) for load, _ in items[::step]])
 
     def flush() -> None:
         images = [load() for load, _ in pending]
-        predictions.extend(classifier.classify(images))
+        predictions.extend(classifier.classify(images, scale=scale, stated_um_per_px=stated_um_per_px))
         labels.extend(label for _, label in pending)
         pending.clear()
         if progress:
@@ -97,7 +110,11 @@ def evaluate_tree(
             flush()
     if pending:
         flush()
-    return {**score_predictions(classifier.tree, labels, predictions), "second_look": classifier.second_look}
+    colour = classifier.input_card.colour
+    return {**score_predictions(classifier.tree, labels, predictions), "second_look": classifier.second_look,
+            "scale": {**scale_summary([p.scale for p in predictions]), **({"run": scale.as_dict()} if scale else {})},
+            "colour": {**colour_summary([p.background for p in predictions], colour.get("reference")),
+                       "normalised": bool(colour)}}
 
 
 SECOND_LOOKS = (0, 2, 4, len(VIEW_ORDER))  # the second looks a training compares (views; 0 = none)

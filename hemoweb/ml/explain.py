@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .preprocess import normalize, resize_uint8
+from .preprocess import model_input, normalize, one_cell_input
 from .weights import ModelCard
 
 METHODS = {"ig": "Integrated Gradients", "occlusion": "Occlusion", "gradcam": "Grad-CAM"}
@@ -148,9 +148,8 @@ def prepare(image: Image.Image | torch.Tensor, card: ModelCard | None) -> tuple[
     if isinstance(image, Image.Image):
         if card is None:
             raise ExplainError("A model card (input size, mean, std) is needed to explain a PIL image.")
-        rgb = image.convert("RGB")
-        tensor = normalize(resize_uint8(rgb, card.input_size, card.interpolation).unsqueeze(0), card.mean, card.std)
-        return tensor, rgb
+        cell, _ = one_cell_input(image, card)
+        return model_input(cell.unsqueeze(0), card), Image.fromarray(cell.permute(1, 2, 0).numpy())
     if not isinstance(image, torch.Tensor):
         raise ExplainError(f"Cannot explain a {type(image).__name__}: give a PIL image or a tensor.")
     tensor = image.float()

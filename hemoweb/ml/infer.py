@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .preprocess import normalize, resize_uint8
+from .preprocess import model_input, resize_uint8
+from .standardise import RBC_DIAMETER_UM, ScaleEstimate, ScaleReference, as_rgb, backgrounds, estimate_scale, measure, to_reference
 from .tree import CellTree
 from .weights import SET_CARD, ModelCard, cached_model, load_backbone, load_head, read_set
 
@@ -52,6 +53,8 @@ class TreePrediction:
     flags: list[str] = field(default_factory=list)
     guess: str = ""  # the code the most probable path reaches with thresholds ignored (= code when resolved)
     views: int = 1  # how many views of the cell its probabilities average (more than 1 after a second look)
+    scale: dict = field(default_factory=dict)  # the scale used (standardise.ScaleEstimate) and this cell's own measure
+    background: list[float] = field(default_factory=list)  # the image's background colour (RGB 0-255), before balancing
 
     @property
     def flagged(self) -> bool:
@@ -78,6 +81,8 @@ class TreePrediction:
             "flags": self.flags,
             "guess": self.guess,
             "views": self.views,
+            "scale": self.scale,
+            "background": self.background,
         }
 
 
@@ -111,6 +116,24 @@ class TreeClassifier:
     def backbone(self) -> tuple[torch.nn.Module, ModelCard]:
         return cached_model(self.folder / self.set_card.backbone, self.device, load_backbone)
 
+    @property
+    def input_card(self) -> ModelCard:
+        """The card of the network that sees the images first (the shared backbone, else ROOT's)."""
+        if self.shared:
+            return self.backbone()[1]
+        return self.part(self.tree.root if self.tree.root in self.node_files else next(iter(self.node_files)))[1]
+
+    @property
+    def scale_reference(self) -> ScaleReference | None:
+        """The scale the set was trained at (None: a set that takes images as they are)."""
+        return ScaleReference.from_card(self.input_card.scale)
+
+    def estimate_scale(self, images: Sequence[Image.Image], stated_um_per_px: float | None = None,
+                       measured: list[dict] | None = None) -> ScaleEstimate:
+        """One scale for images taken together (a run): see standardise.estimate_scale."""
+        found = measured if measured is not None else [measure(as_rgb(image)) for image in images]
+        return estimate_scale(found, self.scale_reference, stated_um_per_px)
+
     def threshold(self, node: str, card: ModelCard) -> float:
         return self._thresholds.get(node, card.threshold)
 
@@ -122,12 +145,16 @@ class TreeClassifier:
             self.part(node)
 
     @torch.inference_mode()
-    def classify(self, images: Sequence[Image.Image | torch.Tensor], batch_size: int = 64) -> list[TreePrediction]:
+    def classify(self, images: Sequence[Image.Image | torch.Tensor], batch_size: int = 64,
+                 scale: ScaleEstimate | None = None, stated_um_per_px: float | None = None) -> list[TreePrediction]:
         """Predict a tree path for every image (PIL, or uint8 (3, S, S) tensors already at the input size).
 
-        A cell left unsure gets a second look when the set asks for one: its probabilities averaged over
-        `second_look` rotated and mirrored views (a cell has no up or down), the tree walked again.
+        A set trained with a scale resamples PIL images to it: with `scale` (a run's estimate), or with one
+        estimated over these images together (they are taken to come from one set-up). Each cell keeps its own
+        measure too. A cell left unsure gets a second look when the set asks for one: its probabilities averaged
+        over `second_look` rotated and mirrored views (a cell has no up or down), the tree walked again.
         """
+        images, scales = self._prepare(images, scale, stated_um_per_px)
         predictions = self._walk(images, batch_size, views=1)
         if self.second_look > 1:
             unsure = [index for index, prediction in enumerate(predictions) if prediction.unsure]
@@ -135,9 +162,37 @@ class TreeClassifier:
                 again = self._walk([images[index] for index in unsure], batch_size, views=self.second_look)
                 for index, prediction in zip(unsure, again, strict=True):
                     predictions[index] = prediction
-        for prediction in predictions:
+        found = [backgrounds(torch.stack(images[start:start + 256]).float() / 255.0)
+                 for start in range(0, len(images), 256)] if images else []
+        colours = torch.cat(found).mul(255).round().tolist() if found else []
+        for prediction, scale_info, colour in zip(predictions, scales, colours, strict=True):
+            prediction.scale, prediction.background = scale_info, colour
+            if scale_info.get("flag"):
+                prediction.flags.append(scale_info["flag"])
             self._finish(prediction)
         return predictions
+
+    def _prepare(self, images: Sequence[Image.Image | torch.Tensor], scale: ScaleEstimate | None,
+                 stated_um_per_px: float | None) -> tuple[list[torch.Tensor], list[dict]]:
+        """uint8 tensors at the input size, at the set's scale where it has one, and each image's scale record."""
+        card, reference = self.input_card, self.scale_reference
+        pil = [index for index, image in enumerate(images) if isinstance(image, Image.Image)]
+        scales: list[dict] = [{} for _ in images]
+        if reference is None or not pil:
+            return [_at_size(image, card) for image in images], scales
+        rgb = {index: as_rgb(images[index]) for index in pil}
+        found = {index: measure(rgb[index]) for index in pil}
+        used = scale or estimate_scale(list(found.values()), reference, stated_um_per_px)
+        tensors = []
+        for index, image in enumerate(images):
+            if index in rgb:
+                own = found[index]
+                scales[index] = {**used.as_dict(), "own_px_per_um": round(own["red_cell_px"] / RBC_DIAMETER_UM, 3)
+                                 if own["red_cell_px"] and own["red_cells"] >= 2 else None,
+                                 "own_red_cells": own["red_cells"]}
+                image = to_reference(rgb[index], reference, used)
+            tensors.append(_at_size(image, card))
+        return tensors, scales
 
     def _walk(self, images: Sequence[Image.Image | torch.Tensor], batch_size: int, views: int) -> list[TreePrediction]:
         """Every image down the tree, node by node, with probabilities averaged over `views` views."""
@@ -160,7 +215,7 @@ class TreeClassifier:
                 chunk = indices[start:start + batch_size]
                 if features is None:
                     batch = torch.stack([by_index[i] for i in chunk]).to(self.device)
-                    logits = [self._forward(model, normalize(view(batch, k), card.mean, card.std), batch_size)
+                    logits = [self._forward(model, model_input(view(batch, k), card), batch_size)
                               for k in VIEW_ORDER[:views]]
                 else:  # shared backbone: the node's head on the features computed once per view
                     logits = [model(view_features[chunk]) for view_features in features]
@@ -192,7 +247,7 @@ class TreeClassifier:
             stacked = torch.stack([_at_size(image, card) for image in images[start:start + batch_size]])
             stacked = stacked.to(self.device)
             for out, k in zip(chunks, VIEW_ORDER[:views], strict=False):
-                batch = normalize(view(stacked, k), card.mean, card.std)
+                batch = model_input(view(stacked, k), card)
                 out.append(self._forward(backbone, batch, batch_size).float())
         return [torch.cat(out) for out in chunks]
 

@@ -8,14 +8,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .sources import BadImage, Limits, decode_checked, read_header
+from .standardise import ScaleReference, as_rgb, estimate_scale, measure, to_reference, white_balance
 from .weights import ModelCard
 
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 def resize_uint8(image: Image.Image, size: int, interpolation: str = "bilinear") -> torch.Tensor:
-    """RGB image → uint8 tensor (3, size, size); the whole field is squeezed to a square."""
-    image = image.convert("RGB").resize((size, size), RESAMPLE.get(interpolation, Image.Resampling.BILINEAR))
+    """Image (any mode: greyscale, 16-bit, alpha) → uint8 RGB tensor (3, size, size); the field squeezed to a square."""
+    image = as_rgb(image).resize((size, size), RESAMPLE.get(interpolation, Image.Resampling.BILINEAR))
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
@@ -26,10 +27,30 @@ def normalize(batch_uint8: torch.Tensor, mean: list[float], std: list[float]) ->
     return (batch_uint8.float() / 255.0 - mean_t) / std_t
 
 
+def model_input(batch_uint8: torch.Tensor, card: ModelCard) -> torch.Tensor:
+    """uint8 (N, 3, H, W) → what the card's network takes: white balanced to its training background when the
+    card says so (`colour`), then normalised with its mean and std."""
+    if not card.colour:
+        return normalize(batch_uint8, card.mean, card.std)
+    x, _ = white_balance(batch_uint8.float() / 255.0, card.colour["reference"], card.colour.get("quantile", 0.9))
+    mean_t = torch.tensor(card.mean, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(card.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def one_cell_input(image: Image.Image, card: ModelCard) -> tuple[torch.Tensor, dict]:
+    """One image on its own → uint8 (3, S, S) at the card's scale (estimated on this image alone) and the estimate."""
+    rgb, reference = as_rgb(image), ScaleReference.from_card(card.scale)
+    if reference is None:
+        return resize_uint8(rgb, card.input_size, card.interpolation), {}
+    estimate = estimate_scale([measure(rgb)], reference)
+    return resize_uint8(to_reference(rgb, reference, estimate), card.input_size, card.interpolation), estimate.as_dict()
+
+
 def batch_for(images: list[Image.Image], card: ModelCard) -> torch.Tensor:
-    """Decoded images → one normalised float batch at the card's input size."""
+    """Decoded images → one float batch at the card's input size, as its network takes it (no scale step)."""
     stacked = torch.stack([resize_uint8(image, card.input_size, card.interpolation) for image in images])
-    return normalize(stacked, card.mean, card.std)
+    return model_input(stacked, card)
 
 
 def decode_resized_batch(datas: Sequence[bytes], size: int, interpolation: str = "bilinear",

@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .data import AugmentConfig, Augmenter, DataError, NodeSet, build_node_sets, decode_cache
+from .data import (AugmentConfig, Augmenter, DataError, LabShift, NodeSet, build_node_sets, decode_cache,
+                   training_scale)
 from .evaluate import choose_second_look, record_second_look
 from .infer import TreeClassifier, pick_device
+from .standardise import colour_card, colour_reference, white_balance
 from .metrics import choose_threshold, classification_metrics
 from .tree import CellTree, resolve_single_path
 from .weights import (ModelCard, ModelFileError, ModelSetCard, as_half, classifier_key, create_model, read_card,
@@ -68,6 +70,7 @@ class TrainConfig:
     min_coverage: float = 0.98  # for the per-node confidence threshold
     max_steps_per_epoch: int = 0  # 0: the whole training set every epoch
     shared_backbone: bool = False  # one backbone with a head per node: one pass per cell, in training and use
+    cross_lab: bool = False  # white balance on the background, other-lab augmentation, the training scale measured
 
     @property
     def use_augmentation(self) -> bool:
@@ -195,6 +198,11 @@ def train_tree(
         test=[(row[i], c) for i, c in ns.test], counts=ns.counts, available=ns.available,
         class_weights=ns.class_weights) for ns in node_sets]
     cards: dict[str, ModelCard] = {node: read_card(out_dir / f"{node}.safetensors") for node in sorted(done)}
+    scale: dict = {}
+    if config.cross_lab:  # the training cells are the scale's reference: the network sees them as they are
+        scale = training_scale([cells[i].path for i in used if cells[i].split == "train"], seed=config.seed).as_card()
+        callback(Progress("log", message=f"Training scale: red cells {scale['px_per_um']:.2f} px/µm, a field of "
+                                         f"{scale['field_um']:.1f} µm; white cells {scale['white_cell_um']:.1f} µm."))
     for node in sorted(done):
         callback(Progress("log", node=node, message=f"{node} already trained: kept."))
 
@@ -202,6 +210,7 @@ def train_tree(
         card.resolves_to = {code: resolved for code in card.classes
                             if (resolved := resolve_single_path(tree, labels, code)) != code}
         card.class_names = [tree.names.get(code, code) for code in card.classes]
+        card.scale = scale
         card.data = {**(data_info or {}), "counts": node_set.counts, "available_train": node_set.available}
         cards[node_set.node] = card
 
@@ -216,7 +225,8 @@ def train_tree(
         backbone_card = ModelCard(architecture=config.architecture, node=SHARED, classes=[],
                                   input_size=config.image_size, mean=trained[node_sets[0].node].mean,
                                   std=trained[node_sets[0].node].std, interpolation=interpolation_for(config.architecture),
-                                  mode=config.mode, data=dict(data_info or {}), split_seed=config.seed)
+                                  mode=config.mode, data=dict(data_info or {}), split_seed=config.seed,
+                                  colour=trained[node_sets[0].node].colour, scale=scale)
         save_state(model.backbone.state_dict(), backbone_card, out_dir / BACKBONE)
         for node_set in remapped:
             finish(node_set, trained[node_set.node])
@@ -370,7 +380,12 @@ def train_heads(
     if config.max_steps_per_epoch:
         steps = min(steps, config.max_steps_per_epoch)
     total_steps, warmup = steps * config.epochs, max(1, int(steps * config.warmup_epochs))
-    augmenter = Augmenter(AugmentConfig(), seed=config.seed) if config.use_augmentation else None
+    augmenter = None
+    if config.use_augmentation:
+        augmenter = Augmenter(AugmentConfig(scale=(0.75, 1.33)) if config.cross_lab else AugmentConfig(), seed=config.seed)
+    lab_shift = LabShift(seed=config.seed) if config.cross_lab and config.use_augmentation else None
+    sample = train_rows[::max(1, len(train_rows) // 512)]  # the training cells' background, from up to ~512 of them
+    colour = colour_card(colour_reference(cache[sample.to(cache.device)])) if config.cross_lab else {}
     nodes = [ns.node for ns in node_sets]
 
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [],
@@ -394,7 +409,9 @@ def train_heads(
             x = cache[train_rows[chosen].to(cache.device)].to(device, non_blocking=True)
             y = train_targets[chosen].to(device, non_blocking=True)
             x = augmenter(x) if augmenter else x.float() / 255.0
-            x = _normalize(x, mean, std)
+            if lab_shift:
+                x = lab_shift(x)
+            x = _normalize(_balanced(x, colour), mean, std)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             for group in optimizer.param_groups:
@@ -413,7 +430,7 @@ def train_heads(
             running += loss.item() * len(chosen)
             seen += len(chosen)
             report("step", epoch + 1, step + 1, loss.item())
-        evaluation = _evaluate_heads(model, cache, node_sets, "val", device, mean, std, config.batch_size)
+        evaluation = _evaluate_heads(model, cache, node_sets, "val", device, mean, std, config.batch_size, colour=colour)
         for node, (metrics, val_loss) in evaluation.items():
             state["node_history"][node].append({
                 "epoch": epoch + 1, "train_loss": round(running / max(1, seen), 5), "val_loss": round(val_loss, 5),
@@ -439,8 +456,9 @@ def train_heads(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    val = _evaluate_heads(model, cache, node_sets, "val", device, mean, std, config.batch_size, keep_probs=True)
-    test = _evaluate_heads(model, cache, node_sets, "test", device, mean, std, config.batch_size)
+    val = _evaluate_heads(model, cache, node_sets, "val", device, mean, std, config.batch_size, keep_probs=True,
+                          colour=colour)
+    test = _evaluate_heads(model, cache, node_sets, "test", device, mean, std, config.batch_size, colour=colour)
     cards = {}
     for ns in node_sets:
         (val_metrics, _, top, correct) = val[ns.node]
@@ -453,6 +471,7 @@ def train_heads(
             std=std_list,
             interpolation=interpolation_for(config.architecture),
             threshold=choose_threshold(top, correct, config.min_coverage),
+            colour=colour,
             mode=config.mode,
             metrics={"val": val_metrics, "val_macro_f1": val_metrics["macro_f1"], "test": test[ns.node][0],
                      "history": state["node_history"][ns.node], "best_epoch": state["best_epoch"]},
@@ -477,9 +496,14 @@ def _normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.
     return (x - mean) / std
 
 
+def _balanced(x: torch.Tensor, colour: dict) -> torch.Tensor:
+    """White balanced on the background when the set normalises colour (its card's `colour`)."""
+    return white_balance(x, colour["reference"], colour["quantile"])[0] if colour else x
+
+
 @torch.inference_mode()
 def _evaluate_heads(model: HeadedModel, cache, node_sets, split: str, device, mean, std, batch_size,
-                    keep_probs: bool = False) -> dict:
+                    keep_probs: bool = False, colour: dict | None = None) -> dict:
     """Per node: (metrics, mean NLL loss) on `split`; with keep_probs also (top probabilities, correct flags).
 
     The backbone runs once per cell, whichever nodes the cell belongs to.
@@ -491,7 +515,7 @@ def _evaluate_heads(model: HeadedModel, cache, node_sets, split: str, device, me
     row_tensor = torch.tensor(rows, dtype=torch.long)
     for start in range(0, len(rows), batch_size * 2):
         x = cache[row_tensor[start:start + batch_size * 2].to(cache.device)].to(device).float() / 255.0
-        x = _normalize(x, mean, std)
+        x = _normalize(_balanced(x, colour or {}), mean, std)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -43,6 +43,8 @@ class ModelCard:
     split_seed: int = 0
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     backbone: str = ""  # shared backbone file beside this one; empty: this file is the whole model
+    colour: dict = field(default_factory=dict)  # white balance to the training background (standardise.py); {}: none
+    scale: dict = field(default_factory=dict)  # the training scale (standardise.ScaleReference); {}: images as they are
     format: str = "hemoweb-node-1"
 
     @classmethod

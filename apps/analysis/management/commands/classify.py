@@ -6,6 +6,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from apps.analysis import services
 from apps.analysis.models import ClassificationRun
+from apps.training.management.commands.evaluate_tree import positive_float
 
 
 class Command(BaseCommand):
@@ -17,6 +18,8 @@ class Command(BaseCommand):
                                                          "the active set when left out.")
         parser.add_argument("--csv", required=True, help="Where to write the results (CSV).")
         parser.add_argument("--target", type=int, default=100, help="Count target (100, 200, 400 or 500).")
+        parser.add_argument("--um-per-pixel", type=positive_float, metavar="UM",
+                            help="The images' pixel size in µm, used when their red cells cannot be measured.")
         parser.add_argument("--fast-decode", action="store_true",
                             help="Let the JPEG codec decode at reduced size (faster, slightly different pixels).")
 
@@ -26,7 +29,8 @@ class Command(BaseCommand):
             raise CommandError(f"The folder for {out} does not exist.")
         try:
             run = services.run_from_source(source=Path(options["source"]), models=options["models"] or None,
-                                           count_target=options["target"], draft=options["fast_decode"])
+                                           count_target=options["target"], draft=options["fast_decode"],
+                                           um_per_pixel=options["um_per_pixel"])
         except services.AnalysisError as error:
             raise CommandError(str(error)) from error
         with out.open("w", newline="", encoding="utf-8") as handle:
@@ -39,5 +43,9 @@ class Command(BaseCommand):
                           f"{len(run.skipped)} skipped → {out}")
         if summary:
             self.stdout.write(f"Counts: {summary}")
+        used = run.scale.get("run")
+        if used:
+            self.stdout.write(f"Scale: {used['source']}, {used['px_per_um']} px/µm ({used['ratio']}× the training "
+                              f"scale){'; ' + used['flag'] if used.get('flag') else ''}")
         if run.status == ClassificationRun.Status.FAILED:
             raise CommandError(f"Classification failed: {run.error} ({rows} cells done were written to {out}).")

@@ -42,6 +42,10 @@ class Command(BaseCommand):
         parser.add_argument("--max-steps", type=int, default=0, help="Cap steps per epoch (quick trials).")
         parser.add_argument("--shared-backbone", action="store_true",
                             help="One backbone with a head per node, trained together (one pass per cell).")
+        parser.add_argument("--cross-lab", action="store_true",
+                            help="Train for other labs' cells: white balance on the slide background, augmentation "
+                                 "with other stains, optics, exposures, cameras and crops, and the training scale "
+                                 "measured from the red cells (all stored in the set's cards).")
         parser.add_argument("--activate", action="store_true", help="Make the new set the active one.")
         parser.add_argument("--resume", type=int, metavar="JOB", help="Resume a failed or cancelled job in the foreground.")
 
@@ -67,6 +71,7 @@ class Command(BaseCommand):
             "balance_threshold": o["cap"], "balance": o["balance"], "seed": o["seed"], "patience": o["patience"], "warmup_epochs": o["warmup_epochs"],
             "nodes": o["nodes"] or [], "pretrained_file": _local_path(o["pretrained_file"]), "threads": o["threads"],
             "max_steps_per_epoch": o["max_steps"], "activate": o["activate"], "shared_backbone": o["shared_backbone"],
+            "cross_lab": o["cross_lab"],
         }
         if o["lr"]:
             params["lr"] = o["lr"]
