@@ -5,7 +5,9 @@ afterwards (pull); on MariaDB the subprocess connects to the test database itsel
 """
 
 import os
+import signal
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,3 +53,22 @@ class SharedDatabase:
             with sqlite3.connect(self.file, timeout=30) as db:
                 return db.execute(sql, params).fetchone()
         return orm()
+
+
+def stop_worker(process: subprocess.Popen, timeout: float = 20) -> None:
+    """Stop a worker subprocess started with start_new_session=True: SIGTERM to it, SIGKILL to its group if it hangs.
+
+    Only the main process is signalled: a `qcluster` then stops its workers, pusher and monitor in turn (about
+    a second), whereas SIGTERM sent to its whole group at once leaves django-q2's stop waiting forever.
+    """
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # whatever is left of the group (nothing, after a clean stop)
+    except ProcessLookupError:
+        pass
+    process.wait()

@@ -31,9 +31,29 @@ def test_logout_requires_post_and_ends_the_session(lab_client):
     assert lab_client.get("/").status_code == 302
 
 
+# What each page must show a lab (from the rows below), and what only curators get there.
+SHOWN = {
+    "/": ['Active model set: <a href="/models/{set_pk}/">site set</a>',
+          "<strong>{n_types}</strong> nodes in the cell-type tree"],
+    "/tree/": ["<code>NGS</code> Segmented neutrophil", "<code>KSC</code> Smudge cell"],
+    "/datasets/": ['<a href="/datasets/{dataset_pk}/">Marrow 2024</a>'],
+    "/models/": ['<a href="/models/{set_pk}/">site set</a>', '<span class="tag ok">active</span>'],
+}
+
+
 @pytest.mark.parametrize("url", PAGES)
 def test_lab_staff_see_pages(lab_client, tree, url):
-    assert lab_client.get(url).status_code == 200
+    from apps.cells.models import Dataset
+    from apps.classifiers.models import ModelSet
+
+    dataset = Dataset.objects.create(name="Marrow 2024")
+    model_set = ModelSet.objects.create(name="site set", folder="site-set", architecture="resnet18", is_active=True)
+    response = lab_client.get(url)
+    html = response.content.decode()
+    assert response.status_code == 200
+    for text in SHOWN[url]:
+        assert text.format(set_pk=model_set.pk, dataset_pk=dataset.pk, n_types=len(tree)) in html, text
+    assert "/admin/" not in html  # the admin links are for curators
 
 
 def test_admin_is_for_curators_only(client, lab_user, curator, tree):

@@ -135,3 +135,28 @@ def test_setup_demo_imports_the_demo_smears_and_installs_the_shipped_detector(se
     assert active.path.resolve().is_relative_to(settings.MODELS_DIR.resolve()) and active.path.is_file()
     assert "test" in active.metrics
     assert install_shipped_detector().endswith("registered and active.")
+
+
+def test_a_curator_switches_the_active_detector_and_detections_use_it(api, detector, lab_user, curator):
+    from django.test import Client
+
+    spare = register_detector(SHIPPED, name="BCCD spare")
+    assert not spare.is_active and Detector.objects.active() == detector  # registering alone changes nothing
+    lab, cura = Client(), Client()
+    lab.force_login(lab_user)
+    cura.force_login(curator)
+    activate = f"/detection/detectors/{spare.pk}/activate/"
+    assert f'action="{activate}"' not in lab.get("/detection/").content.decode()
+    assert lab.post(activate).status_code in (302, 403)
+    assert cura.get(activate).status_code == 405
+    assert list(Detector.objects.filter(is_active=True)) == [detector]
+    assert f'action="{activate}"' in cura.get("/detection/").content.decode()
+
+    response = cura.post(activate)
+    assert response.status_code == 302 and response.url == "/detection/"
+    assert list(Detector.objects.filter(is_active=True)) == [spare]
+    page = lab.get("/detection/").content.decode()
+    assert "Detector in use: <strong>BCCD spare</strong>" in page
+    assert f'action="/detection/detectors/{detector.pk}/activate/"' not in page  # lab staff only look
+    data = api.post("/api/detect/", {"image": _upload()}, format="multipart").json()
+    assert data["detector"] == "BCCD spare" and data["counts"]["WBC"] == 1

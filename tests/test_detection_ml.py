@@ -50,7 +50,8 @@ def test_train_one_epoch_writes_safetensors_and_card_only(tmp_path, demo_annotat
     detector = ml.load_detector(output)
     found = ml.detect(detector, Image.open(demo_annotations.images[0].path), conf=0.0001)
     assert found.width == 640 and found.height == 480
-    assert all(box.label in card.classes for box in found.boxes)
+    assert found.boxes, "at a confidence floor of 0.0001 even a one-epoch detector proposes boxes"
+    assert {box.label for box in found.boxes} <= set(card.classes)
     # Fine-tuning starts from those safetensors (a pickled .pt is refused).
     again, tuned = ml.train_detector(demo_annotations.images, demo_annotations.classes, tmp_path / "tuned.safetensors",
                                      ml.TrainConfig(architecture=str(output), epochs=1, imgsz=64, batch=4),

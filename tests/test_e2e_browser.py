@@ -9,6 +9,8 @@ import zipfile
 
 import pytest
 
+from apps.analysis.models import ClassifiedCell
+from apps.classifiers.models import ModelSet
 from apps.detection.services import install_shipped_detector
 from apps.training import services as training
 from apps.training.models import TrainingJob
@@ -36,7 +38,8 @@ def _cells_zip(path) -> None:
                 archive.writestr(image.name, image.read_bytes())
 
 
-def test_a_lab_day_end_to_end(page, live_server, curator, tree, tmp_path):
+def test_a_lab_day_end_to_end(page, live_server, curator, tree, tiny_model_set, tmp_path):
+    """The site already classifies with a set ("tiny"); the curator trains a new one and puts it in use."""
     login(page, live_server, "cura")
     screenshot(page, "e2e-01-start")
 
@@ -63,12 +66,14 @@ def test_a_lab_day_end_to_end(page, live_server, curator, tree, tmp_path):
     page.goto(live_server.url + f"/training/jobs/{job.pk}/")
     assert page.locator("table.confusion").count() == 2
     screenshot(page, "e2e-03-training")
-    # The first set a site trains becomes active by itself; otherwise the curator makes it active.
-    if page.locator("button:has-text('Make active')").count():
-        page.click("button:has-text('Make active')")
-        page.wait_for_selector("text=is now the active model set")
+    # Another set is in use, so the new one waits for the curator to make it active.
     job.refresh_from_db()
-    assert job.result.is_active
+    assert not job.result.is_active and ModelSet.objects.active() == tiny_model_set
+    page.click("button:has-text('Make active')")
+    page.wait_for_selector("text=e2e set is now the active model set.")
+    job.refresh_from_db()
+    tiny_model_set.refresh_from_db()
+    assert job.result.is_active and not tiny_model_set.is_active
 
     # Classify a zip, correct a cell with the keyboard, sign off.
     cells_zip = tmp_path / "run.zip"
@@ -99,7 +104,10 @@ def test_a_lab_day_end_to_end(page, live_server, curator, tree, tmp_path):
     with page.expect_download() as download:
         page.click("a:has-text('CSV')")
     rows = list(csv.DictReader(io.StringIO(open(download.value.path(), encoding="utf-8").read())))
-    assert len(rows) == 8 and sum(1 for row in rows if target in row.values()) >= 1
+    corrected = ClassifiedCell.objects.get(pk=int(cell_id.removeprefix("cell-")))
+    assert len(rows) == 8 and all(row["model_set"] == "e2e set" for row in rows)
+    assert [(row["file"], row["final"], row["corrected_by"]) for row in rows if row["changed"] == "yes"] == [
+        (corrected.original_name, target, "cura")]  # the correction, and only it, is in the export
 
     # Explain a classified cell.
     page.locator("a.explain-link").first.click()

@@ -72,12 +72,18 @@ def test_bad_input_is_shown_in_the_partial(lab_client, tiny_model_set, cell):
 
 def test_absurd_ids_in_the_address_are_ignored(lab_client, tiny_model_set):
     response = lab_client.get(reverse("explain:home"), {"cell": "9" * 30, "model": "9" * 30, "classified": "x"})
+    html = response.content.decode()
+    root = tiny_model_set.node_models.get(node__code="ROOT")
     assert response.status_code == 200
+    # the page falls back to what it offers with no address at all: the active root model, no cell chosen
+    assert f'<option value="{root.pk}" selected>' in html and "Classes at this level" in html
+    assert "9" * 30 not in html and 'role="alert"' not in html
 
 
 def test_the_page_needs_the_lab_role(client, outsider, tiny_model_set):
     client.force_login(outsider)
-    assert client.get(reverse("explain:home")).status_code == 302
+    response = client.get(reverse("explain:home"))
+    assert response.status_code == 302 and response.url.startswith(reverse("login"))
 
 
 def test_the_gallery_links_every_thumbnail_to_its_explanation(lab_client, pbc_dataset):

@@ -37,7 +37,8 @@ def test_a_job_trains_registers_its_set_and_stores_the_splits(finished_job, pbc_
     assert job.status == TrainingJob.Status.SUCCEEDED, job.error
     assert job.percent == 100 and job.started and job.finished
     model_set = job.result
-    assert model_set.name == "tiny set" and not model_set.is_active or ModelSet.objects.count() == 1
+    assert model_set.name == "tiny set"
+    assert model_set.is_active  # not asked to activate, but the first set a site registers is the one in use
     assert set(model_set.node_models.values_list("node__code", flat=True)) == {"ROOT", "MYE", "MYI", "MYM", "NEU"}
     assert (model_set.path / "set.json").is_file() and not job.work_dir.exists()
     assert {"n", "accuracy", "coarse8", "nodes"} <= set(model_set.metrics)
@@ -74,24 +75,43 @@ def test_a_node_with_too_few_images_fails_the_job_without_a_set(pbc_dataset, tre
     assert not ModelSet.objects.exists()
 
 
-def test_cancel_a_queued_job_and_a_running_one(pbc_dataset):
+def test_cancel_a_queued_job_and_a_running_one_and_resume_it_from_its_page(
+        pbc_dataset, curator_client, lab_only, django_capture_on_commit_callbacks):
+    from django.conf import settings
+    from django_q.models import OrmQ
+
     queued = services.start_training(dataset=pbc_dataset, name="c1", params=TINY, enqueue=False)
     services.cancel_job(queued)
     assert queued.status == TrainingJob.Status.CANCELLED
     assert services.run_training_job(queued.pk).status == TrainingJob.Status.CANCELLED  # the worker skips it
     job = services.start_training(dataset=pbc_dataset, name="c2", params={**TINY, "epochs": 3}, enqueue=False)
-    seen = []
+    page = reverse("training:job", args=[job.pk])
+    running_page = []
 
-    def cancel_when_training(message):  # the CLI echo sees each epoch: ask to cancel as a user would
-        seen.append(message)
-        if "epoch 1/3" in message:
-            services.cancel_job(TrainingJob.objects.get(pk=job.pk))
+    def cancel_when_training(message):  # the CLI echo sees each epoch: the curator presses Cancel on the job page
+        if "epoch 1/3" in message and not running_page:
+            running_page.append(curator_client.get(page).content.decode())
+            assert lab_only.post(reverse("training:cancel", args=[job.pk])).status_code in (302, 403)
+            assert not TrainingJob.objects.get(pk=job.pk).cancel_requested  # lab staff may not cancel
+            response = curator_client.post(reverse("training:cancel", args=[job.pk]), follow=True)
+            assert "the job stops at its next progress report" in response.content.decode()
 
     job = services.run_training_job(job.pk, echo=cancel_when_training)
+    cancel_button = f'action="{reverse("training:cancel", args=[job.pk])}"'
+    resume_button = f'action="{reverse("training:resume", args=[job.pk])}"'
+    assert cancel_button in running_page[0] and resume_button not in running_page[0]
     assert job.status == TrainingJob.Status.CANCELLED
     assert job.can_resume and not ModelSet.objects.exists()
-    job = services.resume_job(job, enqueue=False)
-    job = services.run_training_job(job.pk)
+    cancelled_page = curator_client.get(page).content.decode()
+    assert resume_button in cancelled_page and cancel_button not in cancelled_page
+    assert resume_button not in lab_only.get(page).content.decode()
+    with django_capture_on_commit_callbacks(execute=True):
+        response = curator_client.post(reverse("training:resume", args=[job.pk]), follow=True)
+    assert "continues from its last checkpoint" in response.content.decode()
+    job.refresh_from_db()
+    assert job.status == TrainingJob.Status.QUEUED and not job.cancel_requested
+    assert OrmQ.objects.filter(key=settings.HEMOWEB_TRAINING_CLUSTER).count() == 1  # back on the training queue
+    job = services.run_training_job(job.pk)  # what the training worker runs
     assert job.status == TrainingJob.Status.SUCCEEDED, job.error
     assert "resumed after epoch 1" in job.log
 
@@ -160,7 +180,25 @@ def test_pages_show_jobs_progress_results_and_comparison(finished_job, curator_c
     assert b"every 1s" not in partial.content  # finished: the bar stops polling
     compare = lab_only.get(reverse("training:compare"))
     assert b"mobilenetv3_small_050" in compare.content and b"all" in compare.content
-    assert b"Make active" not in compare.content or job.result.is_active
+
+    # another set is in use: the curator makes the trained one active from the comparison (lab staff may not)
+    trained = job.result
+    other = ModelSet.objects.create(name="other set", folder="other", architecture="resnet18", mode="pretrained")
+    other.activate()
+    activate = reverse("classifiers:activate", args=[trained.pk])
+    assert f'action="{activate}"' not in lab_only.get(reverse("training:compare")).content.decode()
+    compare = curator_client.get(reverse("training:compare")).content.decode()
+    assert compare.count("Make active") == 1 and f'action="{activate}"' in compare
+    assert lab_only.post(activate).status_code in (302, 403)
+    assert lab_only.get(reverse("classifiers:activate", args=[trained.pk])).status_code in (302, 403, 405)
+    assert list(ModelSet.objects.filter(is_active=True)) == [other]
+    response = curator_client.post(activate, follow=True)
+    assert response.redirect_chain[-1][0] == reverse("classifiers:model-set", args=[trained.pk])
+    assert "tiny set is now the active model set." in response.content.decode()
+    assert list(ModelSet.objects.filter(is_active=True)) == [trained]
+    assert ModelSet.objects.active() == trained
+    compare = curator_client.get(reverse("training:compare")).content.decode()
+    assert f'action="{reverse("classifiers:activate", args=[other.pk])}"' in compare and f'action="{activate}"' not in compare
 
 
 def test_start_form_queues_a_job_on_the_training_cluster(pbc_dataset, curator_client, django_capture_on_commit_callbacks):
@@ -209,6 +247,7 @@ def test_a_shared_backbone_job_from_the_api_registers_a_set_that_classifies_and_
     job = services.run_training_job(created.json()["id"])
     assert job.status == TrainingJob.Status.SUCCEEDED, job.error
     model_set = job.result
+    assert not model_set.is_active and ModelSet.objects.active() == finished_job.result  # not asked to activate
     assert model_set.card["backbone"] == "backbone.safetensors" and (model_set.path / "backbone.safetensors").is_file()
     assert {"n", "accuracy", "coarse8"} <= set(model_set.metrics)  # the whole tree ran on the test cells
     assert "shared" in job.metrics["history"]

@@ -115,7 +115,7 @@ def test_pretrained_mode_starts_from_the_converted_lite0_imagenet_weights(tmp_pa
     assert read_card(tmp_path / "set" / "NEU.safetensors").mean == [0.5, 0.5, 0.5]
 
 
-def test_evaluation_scores_each_cell_at_its_own_level(trained_set):
+def test_evaluation_scores_each_cell_at_its_own_level(trained_set, demo_pbc):
     tree = CellTree.default()
     right = TreePrediction(code="NGS", resolved=True)
     stopped = TreePrediction(code="MYM", resolved=False, guess="NGB")
@@ -127,14 +127,21 @@ def test_evaluation_scores_each_cell_at_its_own_level(trained_set):
     # forced: the stopped cells are scored on their best guesses (NGB passes NEU; PMO is not NGS)
     assert result["forced"]["accuracy"] == pytest.approx(3 / 4, abs=1e-3)
     assert result["forced"]["coarse8"]["accuracy"] == pytest.approx(3 / 4, abs=1e-3)
+    # the tiny set on the demo's real test cells, opened lazily and classified in chunks of 4
     folder, _, _ = trained_set
-    demo = folder  # the classifier from the tiny set runs on real images
-    classifier = TreeClassifier(demo, tree)
-    items = [(lambda: Image.new("RGB", (64, 64), (200, 150, 200)), "LYT")] * 3
-    scored = evaluate_tree(classifier, items)
+    classifier = TreeClassifier(folder, tree)
+    cells = [cell for cell in demo_cells(demo_pbc) if cell.split == "test"]
+    items = [((lambda path=cell.path: Image.open(path)), cell.label) for cell in cells]
+    scored = evaluate_tree(classifier, items, chunk=4)
     assert set(scored) >= {"n", "accuracy", "balanced_accuracy", "macro_f1", "coverage", "per_code", "confusion",
                            "coarse8", "forced"}
-    assert torch.is_tensor(torch.tensor(scored["confusion"]["matrix"]))
+    labels = [cell.label for cell in cells]
+    at_once = score_predictions(tree, labels, classifier.classify([Image.open(cell.path) for cell in cells]))
+    assert scored["n"] == len(cells) == 13
+    assert {key: scored[key] for key in at_once} == at_once  # chunked and lazy, the same scores as all at once
+    confusion = scored["confusion"]
+    assert confusion["labels"] == sorted(set(labels), key=tree.order.index)
+    assert [sum(row) for row in confusion["matrix"]] == [labels.count(code) for code in confusion["labels"]]
 
 
 def test_half_precision_weights_halve_the_size_and_predict_the_same(trained_set, tmp_path, demo_pbc):
