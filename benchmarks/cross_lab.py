@@ -80,7 +80,15 @@ def other_stain(image: Image.Image, seed: int) -> Image.Image:
 
 
 def half_magnification(image: Image.Image, seed: int) -> Image.Image:
-    return image.resize((image.width // 2, image.height // 2), Image.Resampling.LANCZOS)
+    """The same crop size in pixels at half the magnification: the cell half as large, in twice the field (the
+    field beyond the PBC crop is the crop's own background colour)."""
+    small = image.resize((image.width // 2, image.height // 2), Image.Resampling.LANCZOS)
+    array = _array(image)
+    lum = array.mean(axis=2)
+    background = array[lum >= np.quantile(lum, 0.9)].mean(axis=0)
+    canvas = Image.new("RGB", image.size, tuple(int(v * 255) for v in background))
+    canvas.paste(small, ((image.width - small.width) // 2, (image.height - small.height) // 2))
+    return canvas
 
 
 def tight_crop_120(image: Image.Image, seed: int) -> Image.Image:

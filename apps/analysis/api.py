@@ -26,7 +26,7 @@ class ClassifiedCellSerializer(serializers.ModelSerializer):
         model = ClassifiedCell
         fields = ["id", "run", "index", "original_name", "image", "sha256", "predicted_type", "path", "confidence",
                   "flags", "resolved", "views", "guess_type", "final_type", "corrected_by", "corrected_at", "version",
-                  "model_set_name", "scale", "background"]
+                  "model_set_name", "scale", "background", "familiarity"]
 
 
 class RunSerializer(serializers.ModelSerializer):
@@ -38,7 +38,7 @@ class RunSerializer(serializers.ModelSerializer):
         model = ClassificationRun
         fields = ["id", "name", "owner", "created", "started", "finished", "status", "progress", "n_total", "n_done",
                   "error", "skipped", "model_set", "model_set_name", "model_set_version", "count_target", "locked",
-                  "signed_off_by", "signed_off_at", "um_per_pixel", "scale", "colour"]
+                  "signed_off_by", "signed_off_at", "um_per_pixel", "scale", "colour", "site_shift"]
 
 
 class RunDetailSerializer(RunSerializer):

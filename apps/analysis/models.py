@@ -50,6 +50,9 @@ class ClassificationRun(WorkerFields):
                                                                  "its images) and how its cells' own measures fell.")
     colour = models.JSONField(default=dict, blank=True, help_text="The run's slide background against the "
                                                                   "training one (its white balance).")
+    site_shift = models.JSONField(default=dict, blank=True, help_text="Whether the run's cells are like the set's "
+                                                                      "training cells: level (ok, warn, alarm, none, "
+                                                                      "unknown), unfamiliar share, message.")
 
     class Meta:
         db_table = "ClassificationRuns"
@@ -106,6 +109,9 @@ class ClassifiedCell(models.Model):
                                                                  "training scale) and the cell's own measure.")
     background = models.JSONField(default=list, blank=True, help_text="The image's background colour (RGB) "
                                                                       "before white balance.")
+    familiarity = models.FloatField(null=True, blank=True, help_text="Distance to the set's training cells (larger: "
+                                                                     "less familiar); empty where the set has no "
+                                                                     "familiarity statistics.")
     final_type = models.ForeignKey(CellType, on_delete=models.PROTECT, related_name="+")
     corrected_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
                                      related_name="+")

@@ -33,6 +33,7 @@ from apps.cells.models import CellType
 from apps.cells.services import ImportError_, ImportReport, import_cells, upload_limits
 from apps.classifiers.models import ModelSet
 from hemoweb.ml.counts import COUNT_TARGETS, Differential, differential
+from hemoweb.ml.familiarity import VALIDATION_RATE, site_shift
 from hemoweb.ml.infer import TreeClassifier, input_sizes, pick_device, tree_classifier
 from hemoweb.ml.preprocess import decode_one, decode_resized_batch
 from hemoweb.ml.standardise import as_rgb, colour_summary, measure, scale_summary
@@ -273,15 +274,19 @@ def classify_run(run_id: int, *, source: Path | None = None, chunk: int | None =
             run.beat()
             run.save(update_fields=["n_total", "heartbeat"])
             scale = _run_scale(run, classifier, image_source, files, limits) if scaled else None
-            seen: dict[str, list] = {"scale": [], "background": []}
+            seen: dict[str, list] = {"scale": [], "background": [], "familiarity": []}
             for start in range(0, len(files), chunk):
                 _classify_chunk(run, image_source, files[start:start + chunk], start, classifier, types,
                                 limits, batch_size, draft_size, resize_to, clock, time.perf_counter, scale, seen)
         run.scale = {**({"run": scale.as_dict()} if scale else {}), **scale_summary(seen["scale"])}
         run.colour = {**colour_summary(seen["background"], classifier.input_card.colour.get("reference")),
                       "normalised": bool(classifier.input_card.colour)}
+        statistics = classifier.familiarity()  # None: the set has none, and the verdict is "unknown"
+        run.site_shift = site_shift(seen["familiarity"], run.scale, run.colour,
+                                    threshold=statistics.threshold if statistics else None,
+                                    validation_rate=statistics.validation_rate if statistics else VALIDATION_RATE)
         run.status, run.finished = ClassificationRun.Status.SUCCEEDED, timezone.now()
-        run.save(update_fields=["status", "finished", "n_done", "skipped", "scale", "colour"])
+        run.save(update_fields=["status", "finished", "n_done", "skipped", "scale", "colour", "site_shift"])
     except (SourceError, AnalysisError, ModelFileError) as error:
         _mark_failed(run, str(error))
     except Exception as error:  # the run must say it failed, whatever broke
@@ -348,11 +353,12 @@ def _classify_chunk(run, image_source, files, offset, classifier, types, limits,
             path=prediction.as_dict()["path"],
             confidence=round(prediction.confidence, 5), flags=prediction.flags, resolved=prediction.resolved,
             views=prediction.views, scale=prediction.scale, background=prediction.background,
-            model_set=run.model_set, model_set_name=run.model_set_name,
+            familiarity=prediction.familiarity, model_set=run.model_set, model_set_name=run.model_set_name,
         ))
     if seen is not None:
         seen["scale"].extend(prediction.scale for prediction in predictions)
         seen["background"].extend(prediction.background for prediction in predictions)
+        seen["familiarity"].extend(prediction.familiarity for prediction in predictions)
     with transaction.atomic():
         ClassifiedCell.objects.bulk_create(rows)
         run.n_done = offset + len(files)
@@ -550,7 +556,7 @@ def send_corrections_to_dataset(*, run_id: int, dataset: str = DEFAULT_CORRECTIO
 
 CSV_COLUMNS = ["file", "index", "predicted", "predicted_name", "path", "confidence", "final", "final_name",
                "changed", "flags", "resolved", "corrected_by", "corrected_at", "model_set", "best_guess", "views",
-               "scale_source", "px_per_um", "scale_vs_training", "own_px_per_um"]
+               "scale_source", "px_per_um", "scale_vs_training", "own_px_per_um", "familiarity"]
 
 
 def _cell_safe(value) -> str:
@@ -578,6 +584,7 @@ def write_csv(run: ClassificationRun, out) -> int:
             cell.corrected_at.isoformat(timespec="seconds") if cell.corrected_at else "", cell.model_set_name,
             cell.guess_type.code if cell.guess_type else "", cell.views, cell.scale.get("source", ""),
             cell.scale.get("px_per_um") or "", cell.scale.get("ratio") or "", cell.scale.get("own_px_per_um") or "",
+            "" if cell.familiarity is None else cell.familiarity,
         )])
         n += 1
     return n

@@ -1,5 +1,6 @@
 """Training jobs: start, run (in the worker or the foreground), cancel, resume, detect lost workers; evaluation."""
 
+import json
 import logging
 import os
 import shutil
@@ -27,13 +28,14 @@ from apps.cells.services import (
 from apps.classifiers.models import ModelSet
 from apps.classifiers.services import RegistryError, register_model_set
 from apps.operations.workers import lower_priority
-from hemoweb.ml.data import assign_splits
+from hemoweb.ml.data import DataError, assign_splits, training_scale
 from hemoweb.ml.evaluate import choose_second_look, evaluate_tree, record_second_look
+from hemoweb.ml.familiarity import fit_familiarity, record_familiarity
 from hemoweb.ml.infer import TreeClassifier, pick_device
 from hemoweb.ml.sources import BadImage, ImageSource, SourceError, open_rgb
 from hemoweb.ml.train import (CHECKPOINTS, CellRecord, Progress, TrainConfig, TrainingCancelled, TrainingError,
                               check_config, train_tree)
-from hemoweb.ml.weights import ModelFileError, read_set, write_set
+from hemoweb.ml.weights import SET_CARD, ModelFileError, read_set, write_json, write_set
 
 from .models import TrainingJob
 
@@ -261,6 +263,34 @@ def evaluate_dataset(name: str, *, split: str = "test", models: str | None = Non
     return result
 
 
+def fit_dataset_scale(name: str, *, models: str | None = None) -> tuple[Path, dict]:
+    """Measure a set's training scale on a dataset's training cells (its red cells, field and white cells) and write
+    it into every card of the set: from then on the set resamples other labs' images to it.
+
+    Cross-lab trainings do this themselves; this serves sets trained before, and re-measures after the
+    measurement itself improves. Returns (set folder, the scale card).
+    """
+    dataset = Dataset.objects.filter(name=name).first()
+    if dataset is None:
+        raise EvaluationError(f"No dataset named {name!r}.")
+    folder = model_set_folder(models)
+    paths = [default_storage.path(image) for image in dataset.cells.filter(split="train").values_list("image", flat=True)]
+    if not paths:
+        raise EvaluationError(f"Dataset {name} has no train cells yet: splits are assigned when a training starts.")
+    try:
+        scale = training_scale(paths).as_card()
+    except DataError as error:
+        raise EvaluationError(str(error)) from error
+    for card_path in sorted(folder.glob("*.json")):
+        data = json.loads(card_path.read_text())
+        if card_path.name != SET_CARD and data.get("format", "").startswith("hemoweb-node"):
+            write_json(card_path, {**data, "scale": scale})
+    set_card = read_set(folder)
+    set_card.data = {**set_card.data, "scale": {**scale, "measured_on": f"train split of {name}"}}
+    write_set(folder, set_card)  # a new set.json: running servers renew the set
+    return folder, scale
+
+
 def choose_dataset_second_look(name: str, *, models: str | None = None) -> tuple[Path, int, dict[int, float]]:
     """Choose a set's second look on a dataset's validation cells and store it in set.json (and the registry).
 
@@ -286,10 +316,49 @@ def choose_dataset_second_look(name: str, *, models: str | None = None) -> tuple
     return folder, views, scores
 
 
-def _evaluation_classifier(folder: Path, second_look: int | None) -> TreeClassifier:
-    """The set's classifier, every node loaded; second_look (views) overrides the set's own when given."""
+def fit_dataset_familiarity(name: str, *, models: str | None = None) -> tuple[Path, dict]:
+    """Fit a shared-backbone set's familiarity statistics on a dataset's train cells, choose their threshold on its
+    val cells, and name them in set.json (and the registry).
+
+    Shared-backbone trainings do this themselves; this serves sets trained before. The cells go through the
+    classifier's own preprocessing (scale, white balance). Returns (set folder, the familiarity card).
+    """
+    dataset = Dataset.objects.filter(name=name).first()
+    if dataset is None:
+        raise EvaluationError(f"No dataset named {name!r}.")
+    folder = model_set_folder(models)
+    train, val = _dataset_items(dataset, "train"), _dataset_items(dataset, "val")
+    if not train or not val:
+        raise EvaluationError(f"Dataset {name} has no train or no val cells yet: splits are assigned when a "
+                              "training starts.")
+    classifier = _evaluation_classifier(folder, None, familiarity=False)  # earlier statistics are being replaced
+    if not classifier.shared:
+        raise EvaluationError(f"The model set in {folder} has one network per node: familiarity statistics need a "
+                              "set whose nodes share one backbone (train it with a shared backbone).")
+    try:
+        card = fit_familiarity(classifier, [load for load, _ in train], [code for _, code in train],
+                               [load for load, _ in val], fitted_on=f"train split of {name}",
+                               threshold_on=f"val split of {name}")
+    except ValueError as error:
+        raise EvaluationError(str(error)) from error
+    set_card = read_set(folder)
+    record_familiarity(set_card, card)
+    write_set(folder, set_card)  # a new set.json: running servers renew the set
+    for model_set in ModelSet.objects.all():
+        if model_set.path.resolve() == folder.resolve():
+            model_set.card = {**model_set.card, "familiarity": set_card.familiarity}
+            model_set.metrics = {**model_set.metrics, "familiarity": set_card.metrics["familiarity"]}
+            model_set.save(update_fields=["card", "metrics"])
+    return folder, card
+
+
+def _evaluation_classifier(folder: Path, second_look: int | None, familiarity: bool = True) -> TreeClassifier:
+    """The set's classifier, every node loaded; second_look (views) overrides the set's own when given.
+    Without `familiarity` the set's familiarity statistics are left out (not loaded, not checked)."""
     try:
         classifier = TreeClassifier(folder, CellType.objects.as_tree(), second_look=second_look)
+        if not familiarity:
+            classifier.set_card.familiarity = ""
         classifier.check()
     except (ModelFileError, ValueError) as error:
         raise EvaluationError(str(error)) from error

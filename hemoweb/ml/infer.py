@@ -11,6 +11,10 @@ which the verification page offers and evaluation scores as the forced (no refus
 A set may ask for a second look (`second_look` in set.json, chosen on validation cells when it was
 trained): each cell left unsure goes down the tree again with its probabilities averaged over that many
 turned and mirrored views, and stops only if it is still unsure.
+
+A shared-backbone set with familiarity statistics (familiarity.py) scores every cell on the features its first
+pass computed anyway: a cell unlike the training cells is flagged `unfamiliar`, is not resolved, and stops above
+a leaf, keeping its best guess.
 """
 
 import threading
@@ -21,6 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .familiarity import FLAG as UNFAMILIAR, Familiarity, cached_familiarity
 from .preprocess import model_input, resize_uint8
 from .standardise import RBC_DIAMETER_UM, ScaleEstimate, ScaleReference, as_rgb, backgrounds, estimate_scale, measure, to_reference
 from .tree import CellTree
@@ -55,6 +60,7 @@ class TreePrediction:
     views: int = 1  # how many views of the cell its probabilities average (more than 1 after a second look)
     scale: dict = field(default_factory=dict)  # the scale used (standardise.ScaleEstimate) and this cell's own measure
     background: list[float] = field(default_factory=list)  # the image's background colour (RGB 0-255), before balancing
+    familiarity: float | None = None  # distance to the training cells (familiarity.py); None: not measured
 
     @property
     def flagged(self) -> bool:
@@ -64,6 +70,11 @@ class TreePrediction:
     def unsure(self) -> bool:
         """Stopped above a leaf because a probability fell below its node's threshold."""
         return any(flag.startswith("unsure") for flag in self.flags)
+
+    @property
+    def unfamiliar(self) -> bool:
+        """Not like the cells the set was trained on (familiarity over the set's threshold)."""
+        return any(flag.startswith(UNFAMILIAR) for flag in self.flags)
 
     @property
     def confidence(self) -> float:
@@ -83,6 +94,7 @@ class TreePrediction:
             "views": self.views,
             "scale": self.scale,
             "background": self.background,
+            "familiarity": self.familiarity,
         }
 
 
@@ -117,6 +129,23 @@ class TreeClassifier:
         return cached_model(self.folder / self.set_card.backbone, self.device, load_backbone)
 
     @property
+    def familiarity_fitted(self) -> bool:
+        """The set has familiarity statistics (only a shared-backbone set can: they describe its features)."""
+        return self.shared and bool(self.set_card.familiarity)
+
+    def familiarity(self) -> Familiarity | None:
+        """The set's familiarity statistics, checked against its backbone; None where it has none."""
+        if not self.familiarity_fitted:
+            return None
+        return cached_familiarity(self.folder / self.set_card.familiarity, self.folder / self.set_card.backbone,
+                                  self.feature_dimension, self.device)
+
+    @property
+    def feature_dimension(self) -> int:
+        """The length of the shared backbone's pooled features: what every node's linear head takes."""
+        return self.part(next(iter(self.node_files)))[0].in_features
+
+    @property
     def input_card(self) -> ModelCard:
         """The card of the network that sees the images first (the shared backbone, else ROOT's)."""
         if self.shared:
@@ -141,6 +170,7 @@ class TreeClassifier:
         """Load every node model now, so that a missing or damaged file fails before any work."""
         if self.shared:
             self.backbone()
+            self.familiarity()
         for node in self.node_files:
             self.part(node)
 
@@ -155,7 +185,8 @@ class TreeClassifier:
         over `second_look` rotated and mirrored views (a cell has no up or down), the tree walked again.
         """
         images, scales = self._prepare(images, scale, stated_um_per_px)
-        predictions = self._walk(images, batch_size, views=1)
+        features = self._features(images, batch_size) if self.shared and images else None
+        predictions = self._walk(images, batch_size, views=1, features=features)
         if self.second_look > 1:
             unsure = [index for index, prediction in enumerate(predictions) if prediction.unsure]
             if unsure:
@@ -165,12 +196,31 @@ class TreeClassifier:
         found = [backgrounds(torch.stack(images[start:start + 256]).float() / 255.0)
                  for start in range(0, len(images), 256)] if images else []
         colours = torch.cat(found).mul(255).round().tolist() if found else []
-        for prediction, scale_info, colour in zip(predictions, scales, colours, strict=True):
+        statistics = self.familiarity() if features is not None else None
+        scores = statistics.scores(features[0]).tolist() if statistics else [None] * len(images)
+        for prediction, scale_info, colour, score in zip(predictions, scales, colours, scores, strict=True):
             prediction.scale, prediction.background = scale_info, colour
             if scale_info.get("flag"):
                 prediction.flags.append(scale_info["flag"])
+            if score is not None:
+                self._judge_familiarity(prediction, score, statistics.threshold)
             self._finish(prediction)
         return predictions
+
+    def _judge_familiarity(self, prediction: TreePrediction, score: float, threshold: float) -> None:
+        """Record the cell's familiarity; an unfamiliar cell goes to review, stopped above a leaf.
+
+        The tree's answers were learnt on cells like the training ones: for a cell unlike them, the deepest
+        step (a leaf) is the least trustworthy, so it stops at the leaf's parent; its best guess is kept.
+        """
+        prediction.familiarity = round(score, 3)
+        if score <= threshold:
+            return
+        prediction.flags.append(f"{UNFAMILIAR}: not like the cells this set was trained on "
+                                f"(score {score:.1f} > {threshold:.1f})")
+        code = prediction.code
+        if code in self.tree and self.tree.is_leaf(code) and self.tree.parents[code] is not None:
+            prediction.code = self.tree.parents[code]
 
     def _prepare(self, images: Sequence[Image.Image | torch.Tensor], scale: ScaleEstimate | None,
                  stated_um_per_px: float | None) -> tuple[list[torch.Tensor], list[dict]]:
@@ -194,13 +244,17 @@ class TreeClassifier:
             tensors.append(_at_size(image, card))
         return tensors, scales
 
-    def _walk(self, images: Sequence[Image.Image | torch.Tensor], batch_size: int, views: int) -> list[TreePrediction]:
-        """Every image down the tree, node by node, with probabilities averaged over `views` views."""
+    def _walk(self, images: Sequence[Image.Image | torch.Tensor], batch_size: int, views: int,
+              features: list[torch.Tensor] | None = None) -> list[TreePrediction]:
+        """Every image down the tree, node by node, with probabilities averaged over `views` views.
+
+        `features`: the shared backbone's features of these images, when already computed (one per view)."""
         predictions = [TreePrediction(code=self.tree.root, guess=self.tree.root, views=views) for _ in images]
         stopped: set[int] = set()  # cells that stopped below a threshold and go on only for their best guess
         pending = {self.tree.root: list(range(len(images)))} if self.tree.root in self.node_files else {}
         resized: dict[int, dict[int, torch.Tensor]] = {}  # input size -> image index -> uint8 tensor
-        features = self._features(images, batch_size, views) if pending and self.shared else None
+        if features is None and pending and self.shared:
+            features = self._features(images, batch_size, views)
         while pending:
             node, indices = next(iter(pending.items()))
             del pending[node]
@@ -268,7 +322,8 @@ class TreeClassifier:
 
     def _finish(self, prediction: TreePrediction) -> None:
         code = prediction.code
-        prediction.resolved = not prediction.unsure and code in self.tree and (self.tree.is_leaf(code) or code not in self.node_files)
+        prediction.resolved = (not prediction.unsure and not prediction.unfamiliar and code in self.tree
+                               and (self.tree.is_leaf(code) or code not in self.node_files))
         if code in self.tree:
             for marker in ALWAYS_FLAG:
                 if marker in self.tree.path(code):

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from .data import (AugmentConfig, Augmenter, DataError, LabShift, NodeSet, build_node_sets, decode_cache,
                    training_scale)
 from .evaluate import choose_second_look, record_second_look
+from .familiarity import FAMILIARITY_FILE, fit_familiarity, record_familiarity
 from .infer import TreeClassifier, pick_device
 from .standardise import colour_card, colour_reference, white_balance
 from .metrics import choose_threshold, classification_metrics
@@ -270,7 +271,29 @@ def train_tree(
         tried = ", ".join(f"{k or 'none'} {v:.3f}" for k, v in scores.items())
         callback(Progress("log", message=f"Second look for unsure cells: {views or 'none'} "
                                          f"(whole-tree accuracy on {len(val)} validation cells by views: {tried})."))
+    train = [index for index in used if cells[index].split == "train"]
+    if config.shared_backbone and train and val:
+        _fit_familiarity(tree, cells, train, val, cache, row, config, device, out_dir, set_card, callback)
     return set_card
+
+
+def _fit_familiarity(tree: CellTree, cells: Sequence[CellRecord], train: list[int], val: list[int], cache: torch.Tensor,
+                     row: dict[int, int], config: TrainConfig, device: torch.device, out_dir: Path,
+                     set_card: ModelSetCard, callback: Callback) -> None:
+    """Familiarity statistics of the finished set: fitted on its training cells, threshold on its validation cells."""
+    def images(indices: list[int]) -> list[torch.Tensor]:
+        if len(cache):  # views into the decoded cache: no copy of the training set
+            return [cache[row[index]] for index in indices]
+        return list(decode_cache([cells[index].path for index in indices], config.image_size,
+                                 interpolation_for(config.architecture), workers=config.decode_workers))
+
+    card = fit_familiarity(TreeClassifier(out_dir, tree, device), images(train), [cells[i].label for i in train],
+                           images(val), fitted_on="train split", threshold_on="val split")
+    record_familiarity(set_card, card)
+    write_set(out_dir, set_card)
+    callback(Progress("log", message=f"Familiarity: threshold {card['threshold']:.1f} (the {card['quantile']:.0%} "
+                                     f"quantile of {card['n_val']} validation cells), fitted on {card['n_train']} "
+                                     "training cells."))
 
 
 def _drop_checkpoint(out_dir: Path, label: str) -> None:
@@ -578,6 +601,8 @@ def store_half(folder: Path) -> int:
     """
     saved = 0
     for weights in sorted(Path(folder).glob("*.safetensors")):
+        if weights.name == FAMILIARITY_FILE:  # statistics, not weights: a precision matrix wants float32
+            continue
         before = weights.stat().st_size
         tensors = load_file(str(weights))
         half = as_half(tensors)

@@ -192,13 +192,12 @@ def load_head(weights_path: Path, device: str | torch.device = "cpu") -> tuple[t
 
 
 def mtime_cached(cache: dict, lock: threading.Lock, weights_path: Path, device, loader):
-    """loader(path, device) once per process for each (file, device), again when the file's mtime changes."""
+    """loader(path, device) once per process for each (file, device), again when the file's or its card's mtime changes
+    (a card's scale or threshold can change without new weights)."""
     weights_path = Path(weights_path).resolve()
     key = (str(weights_path), str(device))
-    try:
-        mtime = weights_path.stat().st_mtime
-    except FileNotFoundError:
-        mtime = -1.0
+    mtime = tuple(path.stat().st_mtime if path.is_file() else -1.0
+                  for path in (weights_path, card_path_for(weights_path)))
     with lock:
         hit = cache.get(key)
         if hit and hit[0] == mtime:
@@ -233,6 +232,7 @@ class ModelSetCard:
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     backbone: str = ""  # the shared backbone's file when the nodes share one (one backbone pass per cell)
     second_look: int = 0  # views averaged for a cell left unsure by the first pass (0: no second look)
+    familiarity: str = ""  # the familiarity statistics' file (familiarity.py) of a shared-backbone set; "": none
     format: str = "hemoweb-set-1"
 
     @classmethod
