@@ -30,6 +30,7 @@ from benchmarks.common import RESULTS, write_result  # noqa: E402
 from hemoweb.ml.data import RGB_FROM_HED, assign_splits  # noqa: E402
 from hemoweb.ml.evaluate import evaluate_tree  # noqa: E402
 from hemoweb.ml.infer import TreeClassifier  # noqa: E402
+from hemoweb.ml.standardise import background_of  # noqa: E402
 from hemoweb.ml.tree import CellTree  # noqa: E402
 
 
@@ -83,10 +84,7 @@ def half_magnification(image: Image.Image, seed: int) -> Image.Image:
     """The same crop size in pixels at half the magnification: the cell half as large, in twice the field (the
     field beyond the PBC crop is the crop's own background colour)."""
     small = image.resize((image.width // 2, image.height // 2), Image.Resampling.LANCZOS)
-    array = _array(image)
-    lum = array.mean(axis=2)
-    background = array[lum >= np.quantile(lum, 0.9)].mean(axis=0)
-    canvas = Image.new("RGB", image.size, tuple(int(v * 255) for v in background))
+    canvas = Image.new("RGB", image.size, tuple(int(v * 255) for v in background_of(_array(image))))
     canvas.paste(small, ((image.width - small.width) // 2, (image.height - small.height) // 2))
     return canvas
 
