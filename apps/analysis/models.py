@@ -53,6 +53,13 @@ class ClassificationRun(WorkerFields):
     site_shift = models.JSONField(default=dict, blank=True, help_text="Whether the run's cells are like the set's "
                                                                       "training cells: level (ok, warn, alarm, none, "
                                                                       "unknown), unfamiliar share, message.")
+    shift_acknowledged_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                              on_delete=models.SET_NULL, related_name="+",
+                                              help_text="Who acknowledged the site-shift warning (a run at alarm "
+                                                        "cannot be signed off before).")
+    shift_acknowledged_at = models.DateTimeField(null=True, blank=True)
+    engine = models.CharField(max_length=20, blank=True, help_text="The inference engine that classified the run "
+                                                                   "(torch, onnxruntime).")
 
     class Meta:
         db_table = "ClassificationRuns"
@@ -75,6 +82,15 @@ class ClassificationRun(WorkerFields):
     @property
     def active(self) -> bool:
         return self.status in (self.Status.QUEUED, self.Status.RUNNING)
+
+    @property
+    def shift_alarm(self) -> bool:
+        return (self.site_shift or {}).get("level") == "alarm"
+
+    @property
+    def needs_acknowledgement(self) -> bool:
+        """A run at alarm is signed off only after someone has acknowledged its site-shift warning."""
+        return self.shift_alarm and self.shift_acknowledged_at is None
 
 
 class ClassifiedCellQuerySet(models.QuerySet):
@@ -112,6 +128,8 @@ class ClassifiedCell(models.Model):
     familiarity = models.FloatField(null=True, blank=True, help_text="Distance to the set's training cells (larger: "
                                                                      "less familiar); empty where the set has no "
                                                                      "familiarity statistics.")
+    unfamiliar = models.BooleanField(default=False, help_text="Unlike the set's training cells (flagged "
+                                                              "unfamiliar): its own group, first in review.")
     final_type = models.ForeignKey(CellType, on_delete=models.PROTECT, related_name="+")
     corrected_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
                                      related_name="+")
