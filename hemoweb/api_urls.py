@@ -9,6 +9,7 @@ from apps.cells import api as cells_api
 from apps.classifiers import api as classifiers_api
 from apps.detection import api as detection_api
 from apps.explain import api as explain_api
+from apps.sites import api as sites_api
 from apps.training import api as training_api
 
 router = DefaultRouter()
@@ -17,6 +18,7 @@ cells_api.register(router)
 classifiers_api.register(router)
 detection_api.register(router)
 explain_api.register(router)
+sites_api.register(router)
 training_api.register(router)
 
 urlpatterns = [

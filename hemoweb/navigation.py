@@ -9,6 +9,7 @@ MODES = (
     ("Detection", "Find and count cells on whole smear images, then classify the white cells.", "detection:home"),
     ("Explanation", "See which pixels made the network decide, for any classified cell.", "explain:home"),
     ("Training", "Train a classifier for every node of the tree and compare architectures.", "training:home"),
+    ("Sites", "Each lab set-up, its model set, verification studies and quality control over time.", "sites:home"),
     ("Data", "Browse the cell-type tree and the image datasets.", "cells:datasets"),
 )
 

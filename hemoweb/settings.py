@@ -83,6 +83,7 @@ INSTALLED_APPS = [
     "apps.detection",
     "apps.training",
     "apps.explain",
+    "apps.sites",
 ]
 
 MIDDLEWARE = [
@@ -231,6 +232,16 @@ HEMOWEB_CLASSIFY_SYNC_MAX = env_int("CLASSIFY_SYNC_MAX", 300)
 HEMOWEB_DEVICE = env_str("CLASSIFY_DEVICE", "auto")
 # Decode JPEGs in batches on the classifier's device: auto = on a GPU (nvJPEG), on | off to force.
 HEMOWEB_BATCH_DECODE = env_str("BATCH_DECODE", "auto")
+# What runs the networks in classification: auto = ONNX Runtime on the CPU (several times faster there; exported on
+# first use beside the set, hemoweb/ml/engine.py), PyTorch on a GPU; onnxruntime | torch to choose. Explanations
+# always use PyTorch. Exports of a set in a read-only folder go to ONNX_CACHE_DIR.
+HEMOWEB_INFERENCE_ENGINE = env_str("INFERENCE_ENGINE", "auto")
+if HEMOWEB_INFERENCE_ENGINE not in ("auto", "onnxruntime", "torch"):
+    raise RuntimeError(f"INFERENCE_ENGINE={HEMOWEB_INFERENCE_ENGINE!r}: use auto, onnxruntime or torch.")
+HEMOWEB_ONNX_CACHE_DIR = env_path("ONNX_CACHE_DIR", VAR_DIR / "onnx")
+# Threads that decode and prepare a run's next chunk while the network classifies this one (-1: the cores the
+# network leaves over, at least one; 0: none, each chunk decoded before it is classified).
+HEMOWEB_CLASSIFY_DECODE_WORKERS = env_int("CLASSIFY_DECODE_WORKERS", -1)
 # Files decoded and stored per chunk (0: the built-in 256); a run's heartbeat is renewed after each chunk.
 HEMOWEB_CLASSIFY_CHUNK = env_int("CLASSIFY_CHUNK", 0)
 # A running classification whose worker has not reported for this long is taken as lost (killed worker).

@@ -28,6 +28,7 @@ urlpatterns = [
     path("", include("apps.explain.urls")),
     path("detection/", include("apps.detection.urls")),
     path("analysis/", include("apps.analysis.urls")),
+    path("sites/", include("apps.sites.urls")),
     path("", include("apps.training.urls")),
     path("api/", include("hemoweb.api_urls")),
     path("api/schema/", login_not_required(SpectacularAPIView.as_view()), name="schema"),

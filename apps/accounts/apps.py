@@ -2,7 +2,7 @@ from django.apps import AppConfig
 from django.db.models.signals import post_migrate
 
 # Apps whose models curators manage in the admin (every permission of each).
-CURATOR_APP_LABELS = ("cells", "classifiers", "training", "detection")
+CURATOR_APP_LABELS = ("cells", "classifiers", "training", "detection", "sites")
 
 
 def grant_curator_permissions(sender, **kwargs) -> None:

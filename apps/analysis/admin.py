@@ -5,8 +5,8 @@ from .models import ClassificationRun, ClassifiedCell
 
 @admin.register(ClassificationRun)
 class ClassificationRunAdmin(admin.ModelAdmin):
-    list_display = ["id", "name", "owner", "model_set_name", "status", "n_total", "locked", "created"]
-    list_filter = ["status", "locked"]
+    list_display = ["id", "name", "owner", "site", "model_set_name", "status", "n_total", "locked", "created"]
+    list_filter = ["status", "locked", "site"]
     search_fields = ["name", "model_set_name"]
     readonly_fields = ["created", "started", "finished", "signed_off_by", "signed_off_at"]
 

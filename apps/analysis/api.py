@@ -32,13 +32,16 @@ class ClassifiedCellSerializer(serializers.ModelSerializer):
 class RunSerializer(serializers.ModelSerializer):
     owner = serializers.SlugRelatedField(slug_field="username", read_only=True)
     signed_off_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    shift_acknowledged_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    site = serializers.SlugRelatedField(slug_field="name", read_only=True)
     progress = serializers.FloatField(read_only=True)
 
     class Meta:
         model = ClassificationRun
         fields = ["id", "name", "owner", "created", "started", "finished", "status", "progress", "n_total", "n_done",
                   "error", "skipped", "model_set", "model_set_name", "model_set_version", "count_target", "locked",
-                  "signed_off_by", "signed_off_at", "um_per_pixel", "scale", "colour", "site_shift"]
+                  "signed_off_by", "signed_off_at", "um_per_pixel", "scale", "colour", "site_shift",
+                  "shift_acknowledged_by", "shift_acknowledged_at", "engine", "site"]
 
 
 class RunDetailSerializer(RunSerializer):
@@ -65,7 +68,8 @@ class RunDetailSerializer(RunSerializer):
 class RunCreateSerializer(serializers.Serializer):
     files = serializers.ListField(child=serializers.FileField(), help_text="One .zip, or image files.")
     model_set = serializers.CharField(required=False, allow_blank=True,
-                                      help_text="Model set name or id; the active set when left out.")
+                                      help_text="Model set name or id; your site's set (else the active set) when "
+                                                "left out.")
     count_target = serializers.ChoiceField(choices=ClassificationRun.TARGETS, default=100)
     name = serializers.CharField(required=False, allow_blank=True, max_length=200)
     um_per_pixel = serializers.FloatField(required=False, allow_null=True, min_value=0.001, max_value=100,
@@ -120,6 +124,17 @@ class ClassificationRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
         run = self.get_object()
         try:
             run = services.sign_off(run_id=run.pk, user=request.user)
+        except services.AnalysisError as error:
+            return Response({"detail": str(error)}, status=status.HTTP_409_CONFLICT)
+        return Response(RunSerializer(run).data)
+
+    @extend_schema(request=None, responses={200: RunSerializer, 409: ERROR})
+    @action(detail=True, methods=["post"], url_path="acknowledge-shift")
+    def acknowledge_shift(self, request, pk=None):
+        """Record that you read the run's site-shift warning (a run at alarm needs it before sign-off)."""
+        run = self.get_object()
+        try:
+            run = services.acknowledge_shift(run_id=run.pk, user=request.user)
         except services.AnalysisError as error:
             return Response({"detail": str(error)}, status=status.HTTP_409_CONFLICT)
         return Response(RunSerializer(run).data)

@@ -10,6 +10,7 @@ from django.db import models
 from apps.cells.models import CellType
 from apps.classifiers.models import ModelSet
 from apps.operations.workers import WorkerFields
+from apps.sites.defaults import default_site_id
 
 
 class ClassificationRun(WorkerFields):
@@ -60,6 +61,8 @@ class ClassificationRun(WorkerFields):
     shift_acknowledged_at = models.DateTimeField(null=True, blank=True)
     engine = models.CharField(max_length=20, blank=True, help_text="The inference engine that classified the run "
                                                                    "(torch, onnxruntime).")
+    site = models.ForeignKey("sites.Site", null=True, blank=True, default=default_site_id, on_delete=models.SET_NULL,
+                             related_name="runs", help_text="The lab set-up the sample was imaged at.")
 
     class Meta:
         db_table = "ClassificationRuns"

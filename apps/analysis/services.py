@@ -14,17 +14,22 @@ import csv
 import hashlib
 import io
 import logging
+import os
 import uuid
 import zipfile
 import zlib
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import transaction
-from django.db.models import F
+from django.db.models import Count, F
 from django.utils import timezone
 from django.utils.text import get_valid_filename
 
@@ -32,8 +37,9 @@ from apps.accounts.roles import is_curator, is_lab_staff
 from apps.cells.models import CellType
 from apps.cells.services import ImportError_, ImportReport, import_cells, upload_limits
 from apps.classifiers.models import ModelSet
+from apps.sites.models import Site
 from hemoweb.ml.counts import COUNT_TARGETS, Differential, differential
-from hemoweb.ml.familiarity import VALIDATION_RATE, site_shift
+from hemoweb.ml.familiarity import SHIFT_MESSAGE, VALIDATION_RATE, site_shift
 from hemoweb.ml.infer import TreeClassifier, input_sizes, pick_device, tree_classifier
 from hemoweb.ml.preprocess import decode_one, decode_resized_batch
 from hemoweb.ml.standardise import as_rgb, colour_summary, measure, scale_summary
@@ -112,8 +118,9 @@ def load_classifier(choice: ModelChoice) -> TreeClassifier:
     tree = CellType.objects.as_tree()
     try:
         classifier = tree_classifier(choice.folder, tree, pick_device(getattr(settings, "HEMOWEB_DEVICE", "auto")),
-                                     choice.thresholds)
-        classifier.check()
+                                     choice.thresholds, engine=getattr(settings, "HEMOWEB_INFERENCE_ENGINE", "auto"),
+                                     onnx_cache=getattr(settings, "HEMOWEB_ONNX_CACHE_DIR", None))
+        classifier.check()  # also exports the networks to ONNX on first use (a failed export: PyTorch, logged)
     except ModelFileError as error:
         if choice.model_set is not None:
             ModelSet.objects.filter(pk=choice.model_set.pk).update(status=ModelSet.Status.BROKEN)
@@ -161,12 +168,18 @@ def _store_upload(files) -> tuple[str, int]:
 
 
 def start_run(*, owner, files=None, models: ModelSet | str | int | None = None, count_target: int = 100,
-              name: str = "", run_async: bool | None = None, um_per_pixel: float | None = None) -> ClassificationRun:
-    """Check the models, store the upload, create the run, then classify now or queue a background job."""
+              name: str = "", run_async: bool | None = None, um_per_pixel: float | None = None,
+              site: Site | None = None) -> ClassificationRun:
+    """Check the models, store the upload, create the run, then classify now or queue a background job.
+
+    The run belongs to `site` (default: the owner's site); without `models` it uses that site's set, and without a
+    stated pixel size the site's."""
     if count_target not in COUNT_TARGETS:
         raise AnalysisError(f"The count target must be one of {', '.join(map(str, COUNT_TARGETS))} cells.")
     files = list(files or [])
-    choice = choose_models(models)
+    site = site or Site.objects.for_user(owner)
+    choice = choose_models(models if models not in (None, "") else site.set_in_use())
+    um_per_pixel = um_per_pixel or site.um_per_pixel
     load_classifier(choice)  # no active set / damaged weights: refuse before storing anything
     upload, n_files = _store_upload(files)
     if n_files == 0:
@@ -177,7 +190,7 @@ def start_run(*, owner, files=None, models: ModelSet | str | int | None = None, 
     run = ClassificationRun.objects.create(
         owner=owner, name=name[:200], model_set=choice.model_set, model_set_name=choice.name,
         model_set_version=choice.version, model_folder=str(choice.folder), n_total=n_files,
-        upload=upload, count_target=count_target, um_per_pixel=um_per_pixel,
+        upload=upload, count_target=count_target, um_per_pixel=um_per_pixel, site=site,
     )
     if run_async is None:
         run_async = n_files > sync_max()
@@ -191,9 +204,11 @@ def start_run(*, owner, files=None, models: ModelSet | str | int | None = None, 
 
 def run_from_source(*, source: Path, models: ModelSet | str | None = None, owner=None,
                     count_target: int = 100, draft: bool = False, um_per_pixel: float | None = None,
-                    ) -> ClassificationRun:
-    """Classify a folder or .zip on disk (the CLI): same pipeline, the source is read in place."""
-    choice = choose_models(models)
+                    site: Site | None = None) -> ClassificationRun:
+    """Classify a folder or .zip on disk (the CLI): same pipeline, the source is read in place (site as start_run)."""
+    site = site or Site.objects.for_user(owner)
+    choice = choose_models(models if models not in (None, "") else site.set_in_use())
+    um_per_pixel = um_per_pixel or site.um_per_pixel
     load_classifier(choice)
     source = Path(source)
     if not source.exists():
@@ -201,7 +216,7 @@ def run_from_source(*, source: Path, models: ModelSet | str | None = None, owner
     run = ClassificationRun.objects.create(
         owner=owner, name=source.name, model_set=choice.model_set, model_set_name=choice.name,
         model_set_version=choice.version, model_folder=str(choice.folder), count_target=count_target,
-        um_per_pixel=um_per_pixel,
+        um_per_pixel=um_per_pixel, site=site,
     )
     return classify_run(run.pk, source=source, draft=draft)
 
@@ -270,14 +285,19 @@ def classify_run(run_id: int, *, source: Path | None = None, chunk: int | None =
         draft_size = max(size for size, _ in sizes) if draft and not scaled else 0
         with ImageSource(location, limits) as image_source:
             files = list(image_source.files())
-            run.n_total = len(files)
+            run.n_total, run.engine = len(files), classifier.engine
             run.beat()
-            run.save(update_fields=["n_total", "heartbeat"])
+            run.save(update_fields=["n_total", "engine", "heartbeat"])
             scale = _run_scale(run, classifier, image_source, files, limits) if scaled else None
             seen: dict[str, list] = {"scale": [], "background": [], "familiarity": []}
-            for start in range(0, len(files), chunk):
-                _classify_chunk(run, image_source, files[start:start + chunk], start, classifier, types,
-                                limits, batch_size, draft_size, resize_to, clock, time.perf_counter, scale, seen)
+            workers = decode_workers(classifier)
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="decode") if workers else nullcontext(_InPlace())
+            with pool as pool:
+                decode = partial(_decode_chunk, pool, classifier, limits, draft_size, resize_to, scale)
+                for offset, part, decoded in _decoded_ahead(image_source, files, chunk, decode, clock,
+                                                            time.perf_counter):
+                    _classify_chunk(run, part, offset, decoded, classifier, types, batch_size, clock,
+                                    time.perf_counter, seen)
         run.scale = {**({"run": scale.as_dict()} if scale else {}), **scale_summary(seen["scale"])}
         run.colour = {**colour_summary(seen["background"], classifier.input_card.colour.get("reference")),
                       "normalised": bool(classifier.input_card.colour)}
@@ -318,9 +338,27 @@ def _run_scale(run, classifier, image_source, files, limits):
     return classifier.estimate_scale([], run.um_per_pixel, measured=measured)
 
 
-def _classify_chunk(run, image_source, files, offset, classifier, types, limits, batch_size, draft_size, resize_to,
-                    clock, now, scale=None, seen=None) -> None:
-    started = now()
+def decode_workers(classifier: TreeClassifier) -> int:
+    """Threads that decode and prepare a run's next chunk while the network classifies this one: the cores the
+    network leaves over (all but one beside a GPU), at least one; `CLASSIFY_DECODE_WORKERS` chooses (0: none, each
+    chunk decoded before it is classified)."""
+    chosen = getattr(settings, "HEMOWEB_CLASSIFY_DECODE_WORKERS", -1)
+    if chosen >= 0:
+        return chosen
+    cores = os.cpu_count() or 1
+    return max(1, cores - (1 if classifier.device.type == "cuda" else classifier.network_threads))
+
+
+class _InPlace:
+    """Runs each task at once in the calling thread: decoding without a pool."""
+
+    def submit(self, task, *args) -> Future:
+        future = Future()
+        future.set_result(task(*args))
+        return future
+
+
+def _read_chunk(image_source, files, offset) -> list[tuple[int, str, bytes]]:
     read = []
     for index, file in enumerate(files, offset):
         try:
@@ -328,21 +366,69 @@ def _classify_chunk(run, image_source, files, offset, classifier, types, limits,
         except (zipfile.BadZipFile, zlib.error, EOFError) as error:
             raise SourceError(f"The archive is damaged at {file.path} ({error}); classification stopped there. "
                               "The cells before it are kept.") from error
-    decoded = []
-    for (index, path, data), result in zip(read, _decode(read, classifier, limits, draft_size, resize_to), strict=True):
-        if isinstance(result, BadImage):
-            run.skipped.append([path, str(result)])
-        else:
-            decoded.append((index, path, data, *result))
-    clock["decode"] += now() - started
+    return read
+
+
+def _decoded_ahead(image_source, files, chunk, decode, clock, now):
+    """(offset, files, decoded) chunk by chunk. Each chunk is read here (one thread reads the archive) and handed to
+    `decode`, which works in the pool while the caller classifies the chunk before it. A damaged archive stops the
+    run once the chunks before the damage are handed over."""
+    pending, failure = None, None
+    for start in range(0, len(files), chunk):
+        part = files[start:start + chunk]
+        started = now()
+        try:
+            upcoming = (start, part, decode(_read_chunk(image_source, part, start)))
+        except SourceError as error:
+            upcoming, failure = None, error
+        clock["decode"] += now() - started
+        if pending is not None:
+            yield _collected(pending, clock, now)
+        if failure is not None:
+            raise failure
+        pending = upcoming
+    if pending is not None:
+        yield _collected(pending, clock, now)
+
+
+def _collected(pending, clock, now):
+    offset, part, results = pending
     started = now()
-    predictions = classifier.classify([item[3] for item in decoded], batch_size, scale=scale,
-                                      stated_um_per_px=run.um_per_pixel) if decoded else []
+    decoded = results()
+    clock["decode"] += now() - started  # the wait only: decoding beside the network costs no time here
+    return offset, part, decoded
+
+
+def _decode_chunk(pool, classifier, limits, draft_size, resize_to, scale, read) -> Callable[[], list]:
+    """The chunk's files decoded and made ready for the network in the pool; returns what waits for them: per file
+    (index, path, data, uint8 input, scale record, format, width, height), or (path, BadImage) when it is skipped."""
+    def ready(item, result):
+        index, path, data = item
+        if isinstance(result, BadImage):
+            return path, result
+        image, fmt, width, height = result
+        return (index, path, data, *classifier.prepare(image, scale), fmt, width, height)
+
+    if batch_decode(classifier, resize_to):  # on the device, the whole chunk at once
+        return pool.submit(lambda: [ready(item, result) for item, result in
+                                    zip(read, _decode(read, classifier, limits, draft_size, resize_to),
+                                        strict=True)]).result
+    futures = [pool.submit(lambda item=item: ready(item, decode_one(item[2], limits.max_pixels, resize_to,
+                                                                    draft_size))) for item in read]
+    return lambda: [future.result() for future in futures]
+
+
+def _classify_chunk(run, files, offset, decoded, classifier, types, batch_size, clock, now, seen=None) -> None:
+    run.skipped.extend([item[0], str(item[1])] for item in decoded if isinstance(item[-1], BadImage))
+    decoded = [item for item in decoded if not isinstance(item[-1], BadImage)]
+    started = now()
+    predictions = classifier.classify([item[3] for item in decoded], batch_size,
+                                      scales=[item[4] for item in decoded]) if decoded else []
     clock["inference"] += now() - started
     started = now()
     root = types[classifier.tree.root]
     rows = []
-    for (index, path, data, _, fmt, width, height), prediction in zip(decoded, predictions, strict=True):
+    for (index, path, data, _, _, fmt, width, height), prediction in zip(decoded, predictions, strict=True):
         digest = hashlib.sha256(data).hexdigest()
         stored = default_storage.save(f"analysis/{run.pk}/{index:06d}_{digest[:12]}.{EXTENSIONS[fmt]}",
                                       ContentFile(data))
@@ -353,7 +439,8 @@ def _classify_chunk(run, image_source, files, offset, classifier, types, limits,
             path=prediction.as_dict()["path"],
             confidence=round(prediction.confidence, 5), flags=prediction.flags, resolved=prediction.resolved,
             views=prediction.views, scale=prediction.scale, background=prediction.background,
-            familiarity=prediction.familiarity, model_set=run.model_set, model_set_name=run.model_set_name,
+            familiarity=prediction.familiarity, unfamiliar=prediction.unfamiliar, model_set=run.model_set,
+            model_set_name=run.model_set_name,
         ))
     if seen is not None:
         seen["scale"].extend(prediction.scale for prediction in predictions)
@@ -433,7 +520,7 @@ def _remove_unrecorded_images(run_id: int) -> None:
 
 def runs_for(user):
     """Lab staff see their own runs; curators see every run."""
-    runs = ClassificationRun.objects.select_related("owner", "signed_off_by")
+    runs = ClassificationRun.objects.select_related("owner", "signed_off_by", "shift_acknowledged_by", "site")
     if is_curator(user):
         return runs
     if is_lab_staff(user):
@@ -441,9 +528,16 @@ def runs_for(user):
     return runs.none()
 
 
+def awaiting_review(cells):
+    """Unfamiliar cells nobody has given a type yet: their own group, never counted as a type."""
+    return cells.filter(unfamiliar=True, final_type=F("predicted_type"))
+
+
 def run_differential(run: ClassificationRun) -> Differential:
-    codes = run.cells.values_list("final_type__code", flat=True)
-    return differential(CellType.objects.as_tree(), list(codes), run.count_target)
+    cells = run.cells.all()
+    codes = cells.exclude(pk__in=awaiting_review(cells).values("pk")).values_list("final_type__code", flat=True)
+    return differential(CellType.objects.as_tree(), list(codes), run.count_target,
+                        unfamiliar=awaiting_review(cells).count())
 
 
 @dataclass
@@ -453,6 +547,7 @@ class RunSummary:
     corrected: int
     flagged: int
     unresolved: int
+    unfamiliar: int = 0  # unfamiliar cells still awaiting a type
 
     @property
     def agreement(self) -> float | None:
@@ -465,7 +560,24 @@ def run_summary(run: ClassificationRun) -> RunSummary:
     total = cells.count()
     unchanged = cells.filter(final_type=F("predicted_type")).count()
     flagged = sum(1 for flags in cells.values_list("flags", flat=True) if flags)
-    return RunSummary(total, unchanged, total - unchanged, flagged, cells.filter(resolved=False).count())
+    return RunSummary(total, unchanged, total - unchanged, flagged, cells.filter(resolved=False).count(),
+                      awaiting_review(cells).count())
+
+
+def run_record(run: ClassificationRun) -> dict:
+    """What `classify --json` writes: the run's id, counts, differential and site-shift verdict."""
+    summary = run_summary(run)
+    by_type = dict(sorted(run.cells.order_by().values("final_type__code").annotate(n=Count("pk")).values_list(
+        "final_type__code", "n")))  # order_by(): the model's default ordering would split the groups
+    return {
+        "run_id": run.pk, "name": run.name, "status": run.status, "model_set": run.model_set_name,
+        "model_set_version": run.model_set_version, "engine": run.engine,
+        "counts": {"files": run.n_total, "classified": summary.total, "skipped": len(run.skipped),
+                   "flagged": summary.flagged, "unresolved": summary.unresolved, "unfamiliar": summary.unfamiliar,
+                   "by_type": by_type},
+        "differential": run_differential(run).as_dict(), "site_shift": run.site_shift,
+        "scale": run.scale.get("run") or {}, "colour": run.colour, "error": run.error,
+    }
 
 
 # --- verification ------------------------------------------------------------------------------
@@ -518,8 +630,28 @@ def sign_off(*, run_id: int, user) -> ClassificationRun:
         )
     if run.status != ClassificationRun.Status.SUCCEEDED:
         raise AnalysisError(f"Only a finished run can be signed off; this one is {run.get_status_display().lower()}.")
+    if run.needs_acknowledgement:
+        raise AnalysisError(
+            f"Run {run.pk} is at site-shift alarm: {run.site_shift.get('message', SHIFT_MESSAGE)}. Acknowledge the "
+            "warning first (on the run page, or POST to the run's acknowledge-shift in the API); nothing changed.")
     run.locked, run.signed_off_by, run.signed_off_at = True, user, timezone.now()
     run.save(update_fields=["locked", "signed_off_by", "signed_off_at"])
+    return run
+
+
+@transaction.atomic
+def acknowledge_shift(*, run_id: int, user) -> ClassificationRun:
+    """Record who read the run's site-shift warning and when (a run at alarm needs it before sign-off).
+
+    The first acknowledgement stands: a second one changes nothing."""
+    run = ClassificationRun.objects.select_for_update().select_related("shift_acknowledged_by").get(pk=run_id)
+    level = (run.site_shift or {}).get("level")
+    if level not in ("warn", "alarm"):
+        raise AnalysisError(f"Run {run.pk} has no site-shift warning to acknowledge (level {level or 'not measured'}).")
+    if run.shift_acknowledged_at is None:
+        run.shift_acknowledged_by, run.shift_acknowledged_at = user, timezone.now()
+        run.save(update_fields=["shift_acknowledged_by", "shift_acknowledged_at"])
+        log.info("classification run %s: site shift %s acknowledged", run.pk, level)
     return run
 
 

@@ -5,6 +5,7 @@ from itertools import groupby
 
 from django.contrib import messages
 from django.core.paginator import Paginator
+from django.db.models import Case, IntegerField, Value, When
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
@@ -12,6 +13,7 @@ from django.views.decorators.http import require_POST
 
 from apps.accounts.roles import lab_staff_required
 from apps.cells.models import CellType
+from hemoweb.ml.counts import UNFAMILIAR_NAME
 
 from . import services
 from .forms import ClassifyForm, CorrectForm
@@ -51,7 +53,7 @@ def _choices():
 
 @lab_staff_required
 def home(request):
-    form = ClassifyForm(request.POST if request.method == "POST" else None)
+    form = ClassifyForm(request.POST if request.method == "POST" else None, user=request.user)
     if request.method == "POST" and form.is_valid():
         try:
             run = services.start_run(
@@ -75,10 +77,21 @@ def _run_context(request, run: ClassificationRun) -> dict:
     cells = run.cells.with_types()
     if request.GET.get("flagged"):
         cells = cells.exclude(flags=[])
-    cells = cells.order_by("final_type__order", "final_type__code", "index") if view == "gallery" else cells.order_by("index")
+    if view == "gallery":  # unfamiliar cells awaiting a type first, in their own group: they need a person
+        pending = services.awaiting_review(run.cells.all()).values("pk")
+        cells = cells.annotate(review_first=Case(When(pk__in=pending, then=Value(0)), default=Value(1),
+                                                 output_field=IntegerField()))
+        cells = cells.order_by("review_first", "final_type__order", "final_type__code", "index")
+    else:
+        cells = cells.order_by("index")
     page = Paginator(cells, GALLERY_PAGE_SIZE).get_page(request.GET.get("page"))
-    groups = [{"type": items[0].final_type, "cells": items}
-              for _, items in ((code, list(group)) for code, group in groupby(page, key=lambda c: c.final_type.code))]
+
+    def group_of(cell) -> str:
+        return "" if getattr(cell, "review_first", 1) == 0 else cell.final_type.code
+
+    groups = [{"type": None if not key else items[0].final_type, "unfamiliar": not key, "cells": items,
+               "title": UNFAMILIAR_NAME if not key else ""}
+              for key, items in ((key, list(group)) for key, group in groupby(page, key=group_of))]
     choices, keys = _choices()
     return {
         "run": run, "page": page, "groups": groups, "view": view, "choices": choices,
@@ -142,6 +155,19 @@ def sign_off(request, pk: int):
         messages.error(request, str(error))
     else:
         messages.success(request, f"Run {run.pk} is signed off and locked.")
+    return redirect("analysis:run", pk=run.pk)
+
+
+@require_POST
+@lab_staff_required
+def acknowledge_shift(request, pk: int):
+    run = _run_for(request, pk)
+    try:
+        services.acknowledge_shift(run_id=run.pk, user=request.user)
+    except services.AnalysisError as error:
+        messages.error(request, str(error))
+    else:
+        messages.success(request, f"The site-shift warning of run {run.pk} is acknowledged.")
     return redirect("analysis:run", pk=run.pk)
 
 

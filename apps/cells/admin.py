@@ -76,7 +76,8 @@ class LabelMappingInline(admin.TabularInline):
 
 @admin.register(Dataset)
 class DatasetAdmin(SimpleHistoryAdmin):
-    list_display = ["name", "n_cells", "source", "licence", "created"]
+    list_display = ["name", "n_cells", "site", "source", "licence", "created"]
+    list_filter = ["site"]
     search_fields = ["name"]
     inlines = [LabelMappingInline]
     readonly_fields = ["counts_table"]

@@ -4,6 +4,7 @@ from django.db import models
 from simple_history.models import HistoricalRecords
 from django.db.models import Count
 
+from apps.sites.defaults import default_site_id
 from hemoweb.ml.tree import CellTree
 
 
@@ -82,6 +83,8 @@ class Dataset(models.Model):
     source = models.CharField(max_length=255, blank=True, help_text="Where the images came from.")
     licence = models.CharField(max_length=100, blank=True)
     description = models.TextField(blank=True)
+    site = models.ForeignKey("sites.Site", null=True, blank=True, default=default_site_id, on_delete=models.SET_NULL,
+                             related_name="datasets", help_text="The lab set-up its images come from.")
     created = models.DateTimeField(auto_now_add=True)
     history = HistoricalRecords()
 

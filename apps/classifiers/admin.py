@@ -1,6 +1,8 @@
 from django.contrib import admin
 from simple_history.admin import SimpleHistoryAdmin
 
+from apps.sites.services import after_activation
+
 from .models import ModelSet, ModelsToCellTypes, ModelsTypes, TrainedModel
 
 
@@ -49,3 +51,5 @@ class ModelSetAdmin(SimpleHistoryAdmin):
         model_set = queryset.get()
         model_set.activate()
         self.message_user(request, f"{model_set.name} is now the active model set.")
+        for note in after_activation(model_set, request.user):  # sites following the active set verify it again
+            self.message_user(request, note)

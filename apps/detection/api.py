@@ -5,6 +5,7 @@ from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
 from apps.accounts.roles import IsLabStaff
+from apps.sites.models import Site
 
 from .models import DetectionDataset, Detector
 from .services import DetectionInputError, detect_image
@@ -42,7 +43,8 @@ class DetectViewSet(viewsets.ViewSet):
             return Response({"error": "Send the smear image as multipart field 'image'.", "fields": form.errors},
                             status=status.HTTP_400_BAD_REQUEST)
         try:
-            result = detect_image(form.validated_data["image"], classify=form.validated_data.get("classify", True))
+            result = detect_image(form.validated_data["image"], classify=form.validated_data.get("classify", True),
+                                  site=Site.objects.for_user(request.user))
         except DetectionInputError as error:
             return Response({"error": str(error)}, status=status.HTTP_400_BAD_REQUEST)
         return Response(result.as_dict())

@@ -210,6 +210,8 @@ class DetectionResult:
     image: "object"  # the decoded PIL image
     model_set: str = ""
     tree_note: str = ""
+    site_shift: dict = field(default_factory=dict)  # the classified white cells against the set's training cells
+    site: str = ""  # the lab set-up whose model set classified the white cells
 
     @property
     def counts(self) -> dict[str, int]:
@@ -236,6 +238,8 @@ class DetectionResult:
             "cells": [{"box": cell.box.as_dict(), "tree": cell.tree} for cell in self.cells],
             "tree_counts": self.tree_counts,
             "tree_note": self.tree_note,
+            "site_shift": self.site_shift,
+            "site": self.site,
         }
 
     def annotated_png(self) -> bytes:
@@ -257,8 +261,12 @@ def _read_upload(upload) -> bytes:
     return upload.read()
 
 
-def detect_image(upload, *, detector: Detector | None = None, classify: bool = True) -> DetectionResult:
-    """Find every cell on a smear image, count per class, and classify each white cell down the tree."""
+def detect_image(upload, *, detector: Detector | None = None, classify: bool = True, site=None) -> DetectionResult:
+    """Find every cell on a smear image, count per class, and classify each white cell down the tree with the
+    site's set (`site`: default the default site; its set, else the active one)."""
+    from apps.sites.models import Site
+
+    site = site or Site.objects.default()
     data = _read_upload(upload)
     try:
         image = ml.load_image(data, max_pixels())
@@ -270,40 +278,48 @@ def detect_image(upload, *, detector: Detector | None = None, classify: bool = T
     white = [box for box in detection.boxes if box.label in model.card.cell_classes]
     crops = ml.crop_cells(image, white)
     trees: list[dict | None] = [None] * len(white)
-    set_name, note = "", ""
+    set_name, note, shift = "", "", {}
     if classify and white:
-        trees, set_name, note = _classify(crops, image, white)
+        trees, set_name, note, shift = _classify(crops, image, white, site.set_in_use(), site.um_per_pixel)
     cells = []
     for box, crop, tree in zip(white, crops, trees, strict=True):
         buffer = io.BytesIO()
         crop.save(buffer, format="PNG")
         cells.append(CellResult(box, tree, buffer.getvalue()))
-    return DetectionResult(detector.name, list(model.card.classes), detection, cells, image, set_name, note)
+    return DetectionResult(detector.name, list(model.card.classes), detection, cells, image, set_name, note, shift,
+                           site.name)
 
 
-def _classify(crops, field, boxes) -> tuple[list[dict | None], str, str]:
-    """The white cells down the tree. A set trained at a scale gets each cell as a window of its training field
-    (in µm) cut from the smear around the cell, at the smear's scale (its many red cells: the best ruler)."""
+def _classify(crops, field, boxes, model_set, um_per_pixel: float | None = None,
+              ) -> tuple[list[dict | None], str, str, dict]:
+    """The white cells down the tree with `model_set`. A set trained at a scale gets each cell as a window of its
+    training field (in µm) cut from the smear around the cell, at the smear's scale (its many red cells: the best
+    ruler; the site's stated pixel size when they cannot be measured)."""
     from apps.cells.models import CellType
-    from apps.classifiers.models import ModelSet
+    from hemoweb.ml.familiarity import VALIDATION_RATE, site_shift
     from hemoweb.ml.infer import TreeClassifier
-    from hemoweb.ml.standardise import centred_window
+    from hemoweb.ml.standardise import centred_window, colour_summary
 
-    model_set = ModelSet.objects.active()
     if model_set is None:
-        return [None] * len(crops), "", "No classifier model set is active: white cells are found but not classified."
+        return ([None] * len(crops), "", "No classifier model set is active: white cells are found but not classified.",
+                {})
     try:
         classifier = TreeClassifier(model_set.path, CellType.objects.as_tree())
         reference, scale = classifier.scale_reference, None
         if reference is not None:
-            scale = classifier.estimate_scale([field])
+            scale = classifier.estimate_scale([field], um_per_pixel)
             if not scale.flag:
                 side = max(8, round(reference.field_px / scale.applied))
                 crops = [centred_window(field, side, ((b.x1 + b.x2) / 2, (b.y1 + b.y2) / 2)) for b in boxes]
         predictions = classifier.classify(crops, scale=scale)
+        statistics = classifier.familiarity()
     except (ModelFileError, FileNotFoundError, KeyError) as error:
-        return [None] * len(crops), model_set.name, f"The model set {model_set.name} cannot classify: {error}"
-    return [p.as_dict() for p in predictions], model_set.name, ""
+        return [None] * len(crops), model_set.name, f"The model set {model_set.name} cannot classify: {error}", {}
+    shift = site_shift(predictions, scale.as_dict() if scale else None,
+                       colour_summary([p.background for p in predictions], classifier.input_card.colour.get("reference")),
+                       threshold=statistics.threshold if statistics else None,
+                       validation_rate=statistics.validation_rate if statistics else VALIDATION_RATE)
+    return [p.as_dict() for p in predictions], model_set.name, "", shift
 
 
 def data_uri(png: bytes) -> str:

@@ -3,6 +3,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from apps.accounts.roles import curator_required, is_curator, lab_staff_required
+from apps.sites.models import Site
 from hemoweb.ml.detect import class_colour
 
 from .forms import DetectForm, TrainDetectorForm
@@ -15,7 +16,7 @@ PREVIEW_SIDE = 1600
 
 def _context(request, **extra) -> dict:
     context = {"form": DetectForm(), "detectors": Detector.objects.all(), "active": Detector.objects.active(),
-               "is_curator": is_curator(request.user)}
+               "is_curator": is_curator(request.user), "site": Site.objects.for_user(request.user)}
     if context["is_curator"]:
         detect_lost_training_jobs()
         context["train_form"] = TrainDetectorForm()
@@ -51,7 +52,8 @@ def detect(request):
     context = {}
     if form.is_valid():
         try:
-            context = _result_context(detect_image(form.cleaned_data["image"]))
+            site = Site.objects.for_user(request.user)
+            context = _result_context(detect_image(form.cleaned_data["image"], site=site))
         except DetectionInputError as error:
             context = {"error": str(error)}
     else:

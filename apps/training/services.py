@@ -337,7 +337,8 @@ def fit_dataset_familiarity(name: str, *, models: str | None = None) -> tuple[Pa
                               "set whose nodes share one backbone (train it with a shared backbone).")
     try:
         card = fit_familiarity(classifier, [load for load, _ in train], [code for _, code in train],
-                               [load for load, _ in val], fitted_on=f"train split of {name}",
+                               [load for load, _ in val], val_labels=[code for _, code in val],
+                               fitted_on=f"train split of {name}",
                                threshold_on=f"val split of {name}")
     except ValueError as error:
         raise EvaluationError(str(error)) from error

@@ -3,7 +3,9 @@ lineages, the M:E ratio and the blast percentage. Plain Python (no scipy, no Dja
 
 Percentages are taken over the *counted* cells: every nucleated white or red precursor cell. Platelets,
 artefacts and smudge cells are listed with their numbers but left out of the denominator, as in a
-manual differential.
+manual differential. Cells the model set does not recognise (flagged unfamiliar, not yet given a type
+by a technologist) get their own row, "Not a type this model knows", and are counted: hiding them would
+raise every known type's percentage (a sample of blasts would read as a normal differential).
 """
 
 import math
@@ -14,7 +16,9 @@ from functools import lru_cache
 
 from .tree import CellTree
 
-NOT_COUNTED = ("PLT", "ART", "KSC")  # listed, but not part of the differential's denominator
+NOT_COUNTED = ("PLT", "ART", "KSC")
+UNFAMILIAR = "UNFAMILIAR"  # the row of cells awaiting review as unlike the set's training cells
+UNFAMILIAR_NAME = "Not a type this model knows"  # listed, but not part of the differential's denominator
 MYELOID, ERYTHROID, BLASTS = "MYE", "ERY", ("BLA",)
 COUNT_TARGETS = (100, 200, 400, 500)
 
@@ -118,6 +122,11 @@ class Differential:
     blasts: int = 0
     blast_percent: float | None = None
     blast_ci: tuple[float, float] | None = None
+    unfamiliar: Row | None = None  # unfamiliar cells awaiting review; None when there are none
+
+    @property
+    def awaiting_review(self) -> int:
+        return self.unfamiliar.n if self.unfamiliar else 0
 
     @property
     def me_ratio(self) -> float | None:
@@ -142,6 +151,7 @@ class Differential:
             "me_ratio": None if self.me_ratio is None else round(self.me_ratio, 3),
             "blasts": self.blasts, "blast_percent": self.blast_percent,
             "blast_ci": list(self.blast_ci) if self.blast_ci else None,
+            "unfamiliar": self.unfamiliar.__dict__ if self.unfamiliar else None,
         }
 
 
@@ -156,11 +166,17 @@ def _percent(k: int, n: int) -> tuple[float | None, float | None, float | None]:
     return round(100.0 * k / n, 2), round(100.0 * low, 2), round(100.0 * high, 2)
 
 
-def differential(tree: CellTree, codes: Iterable[str], target: int = 100) -> Differential:
-    """Count the final cell types of one sample; codes may be inner nodes (unresolved cells)."""
+def differential(tree: CellTree, codes: Iterable[str], target: int = 100, unfamiliar: int = 0) -> Differential:
+    """Count the final cell types of one sample; codes may be inner nodes (unresolved cells).
+
+    `unfamiliar` cells (not among `codes`) are awaiting review as unlike the set's training cells: their own
+    row, in the denominator."""
     per_code = Counter(codes)
-    counted = sum(n for code, n in per_code.items() if is_counted(tree, code))
-    result = Differential(total=sum(per_code.values()), counted=counted, target=target)
+    counted = sum(n for code, n in per_code.items() if is_counted(tree, code)) + unfamiliar
+    result = Differential(total=sum(per_code.values()) + unfamiliar, counted=counted, target=target)
+    if unfamiliar:
+        result.unfamiliar = Row(UNFAMILIAR, UNFAMILIAR_NAME, unfamiliar, True, *_percent(unfamiliar, counted),
+                                resolved=False)
     for code in tree.order:  # tree order keeps the table stable and lineages together
         n = per_code.get(code, 0)
         if not n:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from .infer import VIEW_ORDER, TreeClassifier, TreePrediction
 from .metrics import classification_metrics
-from .standardise import as_rgb, colour_summary, measure, scale_summary
+from .standardise import ScaleEstimate, as_rgb, colour_summary, measure, scale_summary
 from .tree import COARSE8, CellTree
 from .weights import ModelSetCard
 
@@ -106,6 +106,34 @@ def score_predictions(tree: CellTree, labels: Sequence[str], predictions: Sequen
     }
 
 
+def classify_items(
+    classifier: TreeClassifier,
+    loaders: Sequence[Callable[[], Image.Image]],
+    *,
+    chunk: int = 128,
+    progress: Callable[[int], None] | None = None,
+    stated_um_per_px: float | None = None,
+    scale_sample: int = 200,
+) -> tuple[list[TreePrediction], ScaleEstimate | None]:
+    """Classify cells whose images are opened lazily, in chunks; (predictions, the scale they were classified at).
+
+    The cells are taken to come from one set-up: a set trained with a scale measures it once over up to
+    `scale_sample` of them, spread evenly (a folder sorted by type would otherwise give each type its own).
+    """
+    predictions: list[TreePrediction] = []
+    scale = None
+    if classifier.scale_reference is not None and loaders:
+        step = max(1, len(loaders) // scale_sample)
+        scale = classifier.estimate_scale([], stated_um_per_px,
+                                          measured=[measure(as_rgb(load())) for load in loaders[::step]])
+    for start in range(0, len(loaders), chunk):
+        images = [load() for load in loaders[start:start + chunk]]
+        predictions.extend(classifier.classify(images, scale=scale, stated_um_per_px=stated_um_per_px))
+        if progress:
+            progress(len(predictions))
+    return predictions, scale
+
+
 def evaluate_tree(
     classifier: TreeClassifier,
     items: Iterable[tuple[Callable[[], Image.Image], str]],
@@ -115,35 +143,12 @@ def evaluate_tree(
     stated_um_per_px: float | None = None,
     scale_sample: int = 200,
 ) -> dict:
-    """Classify (image loader, tree-code label) pairs in chunks and score them; images are opened lazily.
-
-    The cells are taken to come from one set-up: a set trained with a scale measures it once over up to
-    `scale_sample` of them, spread evenly (a folder sorted by type would otherwise give each type its own).
-    """
-    labels: list[str] = []
-    predictions: list[TreePrediction] = []
-    pending: list[tuple[Callable[[], Image.Image], str]] = []
+    """Classify (image loader, tree-code label) pairs in chunks and score them; images are opened lazily
+    (see `classify_items`)."""
     items = list(items)
-    scale = None
-    if classifier.scale_reference is not None and items:
-        step = max(1, len(items) // scale_sample)
-        scale = classifier.estimate_scale([], stated_um_per_px,
-                                          measured=[measure(as_rgb(load())) for load, _ in items[::step]])
-
-    def flush() -> None:
-        images = [load() for load, _ in pending]
-        predictions.extend(classifier.classify(images, scale=scale, stated_um_per_px=stated_um_per_px))
-        labels.extend(label for _, label in pending)
-        pending.clear()
-        if progress:
-            progress(len(labels))
-
-    for item in items:
-        pending.append(item)
-        if len(pending) >= chunk:
-            flush()
-    if pending:
-        flush()
+    labels = [label for _, label in items]
+    predictions, scale = classify_items(classifier, [load for load, _ in items], chunk=chunk, progress=progress,
+                                        stated_um_per_px=stated_um_per_px, scale_sample=scale_sample)
     colour = classifier.input_card.colour
     return {**score_predictions(classifier.tree, labels, predictions), "second_look": classifier.second_look,
             "scale": {**scale_summary([p.scale for p in predictions]), **({"run": scale.as_dict()} if scale else {})},

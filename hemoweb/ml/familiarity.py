@@ -1,23 +1,25 @@
 """Familiarity: does a cell look like the cells a model set was trained on?
 
 A model is only as good as its training cells are like the cells it sees. In a set with a shared backbone
-every cell already has its pooled backbone features (one pass, computed for the tree anyway); their
-class-conditional Gaussian statistics with one shared covariance (the Mahalanobis score of Lee et al.,
-"A simple unified framework for detecting out-of-distribution samples", NeurIPS 2018) say how far a cell
-lies from the nearest training class: score = min over classes of the Mahalanobis distance to the class
-mean. Larger is less familiar. The threshold is the score that ~2 % of the validation cells exceed, so a
-cell over it is as strange as the strangest few cells of the lab the set was trained on.
+every cell already has its pooled backbone features (one pass, computed for the tree anyway). The score is
+the cosine distance to the 10th nearest training cell (Sun et al., "Out-of-distribution detection with deep
+nearest neighbors", ICML 2022), in the first 256 principal components of the training cells' features:
+larger is less familiar. The threshold is the score that ~2 % of the validation cells exceed, so a cell over
+it is as strange as the strangest few cells of the lab the set was trained on.
 
-The statistics live beside the set: `familiarity.safetensors` (means, precision) with its card
-`familiarity.json` (the backbone they belong to, the threshold, the validation scores' histogram), named
-in set.json (`familiarity`). They are tied to the backbone's weights: statistics of another backbone are
-refused, since their distances would mean nothing.
+The statistics live beside the set: `familiarity.safetensors` (the training cells' projected, normalised
+features, float16, and the projection) with its card `familiarity.json` (the backbone they belong to, the
+threshold, the validation scores' histogram and how the set fared on them), named in set.json
+(`familiarity`). They are tied to the backbone's weights: statistics of another backbone are refused, since
+their distances would mean nothing.
 
-Why Mahalanobis rather than the distance to the k-th nearest training cell in cosine (Sun et al. 2022): on the
-shipped set both flag all of another lab's cells (LISC, AUROC 1.00 and 0.99-1.00), but on subtler shifts of the
-set's own cells (dimmed, zoomed out) Mahalanobis separates better (AUROC 0.80 / 0.76 against 0.67-0.72 /
-0.60-0.68), costs a fixed (D × D) product per cell instead of a search over every training cell, and stores
-two tensors instead of the training features.
+Why nearest neighbours in principal components: measured on a set trained without basophils and
+erythroblasts (benchmarks/familiarity_methods.py, results in benchmarks/results/familiarity_methods-*.md),
+the types never seen are told from the set's own test cells with AUROC 0.88 / 0.94 against 0.62 / 0.93 for the
+Mahalanobis distance to the nearest class mean with one shared covariance (Lee et al. 2018, the score shipped
+before, still read from older sets' files), 0.66 / 0.95 for its relative form (Ren et al. 2021), 0.84 / 0.93 for
+neighbours in all 1,280 features, and worse on several layers at once. Basophils look like granulocyte
+precursors to a network that never saw one: no score flags most of them (the README says how many).
 
 `site_shift` turns a run's scores, scale and white balance into one verdict for the whole run.
 
@@ -53,6 +55,10 @@ VALIDATION_RATE = 1 - QUANTILE
 RIDGE = 1e-2
 HISTOGRAM_BINS = 30
 FLAG = "unfamiliar"
+
+NEIGHBOURS = 10  # the k-th nearest training cell
+COMPONENTS = 256  # principal components the neighbours are searched in
+SCALE_QUANTILE = 0.99  # each score over its validation cells' 99 % quantile before the larger is taken
 
 # run-level verdict (site_shift)
 MIN_RUN_CELLS = 10
@@ -102,6 +108,60 @@ class Familiarity:
         whitened = features.float().to(self._factor.device) @ self._factor
         distances = torch.cdist(whitened, self._centres, compute_mode="donot_use_mm_for_euclid_dist")
         return distances.min(dim=1).values.cpu()
+
+
+@dataclass
+class Neighbours:
+    """Statistics as the k-th nearest training cell in cosine distance, in principal components, and the
+    Mahalanobis distance to the nearest class: a cell's score is the larger of the two, each over its scale."""
+
+    mean: torch.Tensor  # (1, D) the training features' mean, taken off before projecting
+    projection: torch.Tensor  # (D, C) onto the first C principal components
+    bank: torch.Tensor  # (N, C) the training cells, projected and L2-normalised
+    card: dict  # `scales`: {"knn": s, "mahalanobis": s}, each the 99 % quantile of its validation scores
+    classes: Familiarity  # the Mahalanobis part
+
+    threshold = Familiarity.threshold
+    validation_rate = Familiarity.validation_rate
+
+    def __post_init__(self) -> None:
+        self.bank = self.bank.float()
+        self.k = min(int(self.card.get("neighbours", NEIGHBOURS)), len(self.bank))
+
+    @property
+    def dimension(self) -> int:
+        return int(self.mean.shape[1])
+
+    def to(self, device: str | torch.device) -> "Neighbours":
+        return Neighbours(self.mean.to(device), self.projection.to(device), self.bank.to(device), self.card,
+                          self.classes.to(device))
+
+    def nearest(self, features: torch.Tensor) -> torch.Tensor:
+        """(N,) 1 − the cosine similarity of each feature row to its k-th nearest training cell."""
+        projected = (features.float().to(self.bank.device) - self.mean) @ self.projection
+        similarity = torch.nn.functional.normalize(projected, dim=1) @ self.bank.T
+        return (1 - similarity.topk(self.k, dim=1).values[:, -1]).cpu()
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """(N,) the larger of the neighbour and the Mahalanobis score, each over its scale (1: as strange as the
+        strangest 1 % of the validation cells by that score)."""
+        if not len(features):
+            return torch.empty(0)
+        scales = self.card.get("scales") or {}
+        return torch.maximum(self.nearest(features) / float(scales.get("knn", 1.0)),
+                             self.classes.scores(features) / float(scales.get("mahalanobis", 1.0)))
+
+
+def fit_neighbours(features: torch.Tensor, components: int = COMPONENTS) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """(mean (1, D), projection (D, C), bank (N, C)) from training features: principal components by SVD."""
+    if len(features) < 2:
+        raise ValueError(f"{len(features)} training cells: too few to compare cells with.")
+    x = features.double().cpu()
+    mean = x.mean(dim=0, keepdim=True)
+    projection = torch.linalg.svd(x - mean, full_matrices=False).Vh[:min(components, len(x) - 1, x.shape[1])].T
+    bank = torch.nn.functional.normalize((x - mean) @ projection, dim=1)
+    return mean.float().contiguous(), projection.float().contiguous(), bank.half().contiguous()
 
 
 def fit_statistics(features: torch.Tensor, labels: Sequence[str], ridge: float = RIDGE,
@@ -179,29 +239,46 @@ def cell_features(classifier: "TreeClassifier", items: Iterable, *, chunk: int =
 
 
 def fit_familiarity(classifier: "TreeClassifier", train_items: Iterable, train_labels: Sequence[str],
-                    val_items: Iterable, *, quantile: float = QUANTILE, ridge: float = RIDGE,
-                    progress: Callable[[str], None] | None = None, **where: str) -> dict:
+                    val_items: Iterable, *, val_labels: Sequence[str] | None = None, quantile: float = QUANTILE,
+                    ridge: float = RIDGE, progress: Callable[[str], None] | None = None, **where: str) -> dict:
     """Fit the statistics on training cells, choose the threshold on validation cells, and write both files
-    into the set's folder. Returns the card; record it into set.json with `record_familiarity`."""
+    into the set's folder. Returns the card; record it into set.json with `record_familiarity`.
+
+    With `val_labels` the validation cells are also classified as a lab would see them (thresholds, second look,
+    the new familiarity flag): the card's `validation` keeps their coverage, selective accuracy and risk-coverage
+    curve (the model set page draws it)."""
     if not classifier.shared:
         raise ValueError("Familiarity needs a set whose nodes share one backbone: this set has one network per node.")
     train = cell_features(classifier, train_items)
     if progress:
         progress(f"familiarity: features of {len(train)} training cells")
+    val_items = list(val_items)
     val = cell_features(classifier, val_items)
     if not len(val):
         raise ValueError("Familiarity needs validation cells to choose its threshold.")
+    mean, projection, bank = fit_neighbours(train)
     means, precision, classes = fit_statistics(train, train_labels, ridge)
-    statistics = Familiarity(means, precision, {"threshold": 0.0})
+    statistics = Neighbours(mean, projection, bank, {"threshold": 0.0},
+                            Familiarity(means, precision, {"threshold": 0.0}))
+    scales = {"knn": float(torch.quantile(statistics.nearest(val).double(), SCALE_QUANTILE)),
+              "mahalanobis": float(torch.quantile(statistics.classes.scores(val).double(), SCALE_QUANTILE))}
+    statistics.card["scales"] = scales
     val_scores = statistics.scores(val)
     threshold = float(torch.quantile(val_scores.double(), quantile))
     backbone = classifier.folder / classifier.set_card.backbone
     card = {
         "format": FORMAT,
-        "method": "mahalanobis, one shared covariance (Lee et al. 2018); score = distance to the nearest class mean",
+        "method": "knn or mahalanobis",
+        "about": f"the larger of: 1 - cosine similarity to the {NEIGHBOURS}th nearest training cell in the first "
+                 f"{projection.shape[1]} principal components of the backbone's features (Sun et al. 2022), and the "
+                 "Mahalanobis distance to the nearest class mean with one shared covariance (Lee et al. 2018); "
+                 f"each over its scale (the {SCALE_QUANTILE:.0%} quantile of its validation scores)",
+        "scales": {key: round(value, 6) for key, value in scales.items()},
         "backbone": classifier.set_card.backbone,
         "backbone_fingerprint": backbone_fingerprint(backbone),
-        "dimension": int(means.shape[1]),
+        "dimension": int(mean.shape[1]),
+        "components": int(projection.shape[1]),
+        "neighbours": NEIGHBOURS,
         "classes": classes,
         "ridge": ridge,
         "quantile": quantile,
@@ -215,9 +292,29 @@ def fit_familiarity(classifier: "TreeClassifier", train_items: Iterable, train_l
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         **where,
     }
-    write_safetensors(classifier.folder / FAMILIARITY_FILE, {"means": means, "precision": precision},
+    if val_labels is not None:
+        card["validation"] = _validation(classifier, val_items, val_labels, val_scores, threshold)
+    write_safetensors(classifier.folder / FAMILIARITY_FILE,
+                      {"mean": mean, "projection": projection, "bank": bank, "means": means, "precision": precision},
                       {"format": FORMAT, "backbone": card["backbone"]}, card=card)
     return card
+
+
+def _validation(classifier: "TreeClassifier", items: list, labels: Sequence[str], scores: torch.Tensor,
+                threshold: float) -> dict:
+    """The validation cells classified with the new statistics: what evaluate_tree would report of them."""
+    from .evaluate import score_predictions
+
+    predictions = []
+    for start in range(0, len(items), 256):
+        chunk = [item() if callable(item) else item for item in items[start:start + 256]]
+        predictions.extend(classifier.classify(chunk))
+    for prediction, score in zip(predictions, scores.tolist(), strict=True):
+        classifier.judge_familiarity(prediction, score, threshold)
+    scored = score_predictions(classifier.tree, list(labels), predictions)
+    keys = ("n", "accuracy", "balanced_accuracy", "coverage", "selective_accuracy", "selective_n", "flagged_share",
+            "unfamiliar_share", "risk_coverage")
+    return {key: scored[key] for key in keys}
 
 
 def record_familiarity(set_card: ModelSetCard, card: dict) -> None:
@@ -228,7 +325,8 @@ def record_familiarity(set_card: ModelSetCard, card: dict) -> None:
 
 def summary(card: dict) -> dict:
     """What set.json keeps of a familiarity card (the model set page reads it from the registry)."""
-    keys = ("threshold", "quantile", "validation_over", "n_train", "n_val", "val_median", "histogram", "created")
+    keys = ("threshold", "quantile", "validation_over", "n_train", "n_val", "val_median", "histogram", "created",
+            "validation", "method")
     return {key: card[key] for key in card if key in keys or key.endswith("_on")}
 
 
@@ -236,7 +334,7 @@ def summary(card: dict) -> dict:
 
 
 def load_familiarity(path: Path, backbone_path: Path, dimension: int, device: str | torch.device = "cpu",
-                     ) -> Familiarity:
+                     ) -> "Familiarity | Neighbours":
     """A set's statistics, checked against its backbone (feature dimension and weights): another backbone's
     statistics are refused."""
     path, backbone_path = Path(path), Path(backbone_path)
@@ -250,17 +348,24 @@ def load_familiarity(path: Path, backbone_path: Path, dimension: int, device: st
         raise ModelFileError(f"The familiarity card {card_path} is not valid: {error}") from error
     state = read_state(path, "the familiarity statistics")
     means, precision = state.get("means"), state.get("precision")
-    if means is None or precision is None or precision.shape != (means.shape[1], means.shape[1]):
-        raise ModelFileError(f"{path} does not hold familiarity statistics (means and a square precision). {again}")
-    if means.shape[1] != dimension or card.get("dimension") != dimension:
-        raise ModelFileError(f"The familiarity statistics {path} are for {means.shape[1]} features, but the backbone "
+    mean, projection, bank = state.get("mean"), state.get("projection"), state.get("bank")
+    if means is None or precision is None or means.ndim != 2 or precision.shape != (means.shape[1], means.shape[1]):
+        raise ModelFileError(f"{path} does not hold familiarity statistics (class means and a square precision). "
+                             f"{again}")
+    found = means.shape[1]
+    if bank is not None and (mean is None or projection is None or bank.ndim != 2 or mean.shape != (1, found)
+                             or projection.shape != (found, bank.shape[1])):
+        raise ModelFileError(f"{path}: its training cells, mean and projection do not match (damaged). {again}")
+    if found != dimension or card.get("dimension") != dimension:
+        raise ModelFileError(f"The familiarity statistics {path} are for {found} features, but the backbone "
                              f"{backbone_path.name} gives {dimension}: they belong to another backbone. {again}")
     if card.get("backbone_fingerprint") != backbone_fingerprint(backbone_path):
         raise ModelFileError(f"The familiarity statistics {path} were fitted on another backbone than "
                              f"{backbone_path.name} (its weights changed since): their scores would mean nothing. "
                              f"{again}")
     try:
-        return Familiarity(means, precision, card).to(device)
+        classes = Familiarity(means, precision, card)
+        return (Neighbours(mean, projection, bank, card, classes) if bank is not None else classes).to(device)
     except RuntimeError as error:  # a precision that is not positive definite: damaged
         raise ModelFileError(f"The familiarity statistics {path} are damaged: {error} {again}") from error
 
@@ -270,7 +375,7 @@ _lock = threading.Lock()
 
 
 def cached_familiarity(path: Path, backbone_path: Path, dimension: int, device: str | torch.device = "cpu",
-                       ) -> Familiarity:
+                       ) -> "Familiarity | Neighbours":
     """load_familiarity once per process, again when the statistics, their card or the backbone file change."""
     backbone_path = Path(backbone_path)
     backbone_time = backbone_path.stat().st_mtime_ns if backbone_path.is_file() else -1

@@ -15,21 +15,28 @@ turned and mirrored views, and stops only if it is still unsure.
 A shared-backbone set with familiarity statistics (familiarity.py) scores every cell on the features its first
 pass computed anyway: a cell unlike the training cells is flagged `unfamiliar`, is not resolved, and stops above
 a leaf, keeping its best guess.
+
+The networks run in PyTorch or, on the CPU, in ONNX Runtime (`engine`, see engine.py): the same predictions, several
+times faster on a small CPU; everything around the networks is the same code either way.
 """
 
+import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from .engine import EngineError, cached_onnx, resolve_engine
 from .familiarity import FLAG as UNFAMILIAR, Familiarity, cached_familiarity
 from .preprocess import model_input, resize_uint8
 from .standardise import RBC_DIAMETER_UM, ScaleEstimate, ScaleReference, as_rgb, backgrounds, estimate_scale, measure, to_reference
 from .tree import CellTree
-from .weights import SET_CARD, ModelCard, cached_model, load_backbone, load_head, read_set
+from .weights import SET_CARD, ModelCard, cached_card, cached_model, load_backbone, load_head, load_model, read_set
+
+log = logging.getLogger(__name__)
 
 ALWAYS_FLAG = ("BLA", "ABN")  # codes whose cells (and descendants) always go to a human
 VIEW_ORDER = (0, 4, 2, 6, 1, 5, 3, 7)  # the 8 views of a cell (see `view`), most different first
@@ -102,7 +109,8 @@ class TreeClassifier:
     """The node classifiers of one model set, used together down the tree."""
 
     def __init__(self, set_folder: Path, tree: CellTree, device: str | torch.device = "cpu",
-                 thresholds: dict[str, float] | None = None, second_look: int | None = None):
+                 thresholds: dict[str, float] | None = None, second_look: int | None = None,
+                 engine: str = "torch", onnx_cache: Path | None = None):
         self.folder = Path(set_folder)
         self.tree = tree
         self.device = torch.device(device)
@@ -112,6 +120,19 @@ class TreeClassifier:
         self.second_look = self.set_card.second_look if second_look is None else second_look
         if not 0 <= self.second_look <= len(VIEW_ORDER):
             raise ValueError(f"A second look takes 0 to {len(VIEW_ORDER)} views, not {self.second_look}.")
+        self._engine = resolve_engine(engine, self.device)
+        self.onnx_cache = onnx_cache  # where exports go when the set folder is read-only
+        self.engine_note = ""  # why the engine fell back to torch, when it did
+
+    @property
+    def network_threads(self) -> int:
+        """The CPU threads a network pass uses (PyTorch's; ONNX Runtime is given as many)."""
+        return torch.get_num_threads()
+
+    @property
+    def engine(self) -> str:
+        """The engine running the set's networks: onnxruntime, or torch (also where an export failed)."""
+        return self._engine
 
     @property
     def shared(self) -> bool:
@@ -128,12 +149,25 @@ class TreeClassifier:
     def backbone(self) -> tuple[torch.nn.Module, ModelCard]:
         return cached_model(self.folder / self.set_card.backbone, self.device, load_backbone)
 
+    def network(self, node: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What runs a network of the set under the engine in use: the shared backbone (no node), or a node's whole
+        model in a set with one network per node. An export that fails leaves PyTorch in charge, with a log line."""
+        path, loader = ((self.folder / self.set_card.backbone, load_backbone) if node is None
+                        else (self.node_files[node], load_model))
+        if self._engine == "onnxruntime":
+            try:
+                return cached_onnx(path, loader, self.onnx_cache)
+            except EngineError as error:
+                log.warning("%s: PyTorch classifies with %s instead", error, self.folder.name)
+                self._engine, self.engine_note = "torch", str(error)
+        return cached_model(path, self.device, loader)[0]
+
     @property
     def familiarity_fitted(self) -> bool:
         """The set has familiarity statistics (only a shared-backbone set can: they describe its features)."""
         return self.shared and bool(self.set_card.familiarity)
 
-    def familiarity(self) -> Familiarity | None:
+    def familiarity(self) -> "Familiarity | Neighbours | None":
         """The set's familiarity statistics, checked against its backbone; None where it has none."""
         if not self.familiarity_fitted:
             return None
@@ -149,7 +183,7 @@ class TreeClassifier:
     def input_card(self) -> ModelCard:
         """The card of the network that sees the images first (the shared backbone, else ROOT's)."""
         if self.shared:
-            return self.backbone()[1]
+            return cached_card(self.folder / self.set_card.backbone)
         return self.part(self.tree.root if self.tree.root in self.node_files else next(iter(self.node_files)))[1]
 
     @property
@@ -169,22 +203,30 @@ class TreeClassifier:
     def check(self) -> None:
         """Load every node model now, so that a missing or damaged file fails before any work."""
         if self.shared:
-            self.backbone()
+            if self.engine == "torch":  # ONNX Runtime reads the weights when it exports them
+                self.backbone()
             self.familiarity()
         for node in self.node_files:
             self.part(node)
+        for node in [None] if self.shared else self.node_files:  # the engine's networks (an export on first use)
+            self.network(node)
 
     @torch.inference_mode()
     def classify(self, images: Sequence[Image.Image | torch.Tensor], batch_size: int = 64,
-                 scale: ScaleEstimate | None = None, stated_um_per_px: float | None = None) -> list[TreePrediction]:
+                 scale: ScaleEstimate | None = None, stated_um_per_px: float | None = None,
+                 scales: Sequence[dict] | None = None) -> list[TreePrediction]:
         """Predict a tree path for every image (PIL, or uint8 (3, S, S) tensors already at the input size).
 
         A set trained with a scale resamples PIL images to it: with `scale` (a run's estimate), or with one
         estimated over these images together (they are taken to come from one set-up). Each cell keeps its own
         measure too. A cell left unsure gets a second look when the set asks for one: its probabilities averaged
         over `second_look` rotated and mirrored views (a cell has no up or down), the tree walked again.
+        Images made ready by `prepare` come as tensors with their scale records in `scales`.
         """
-        images, scales = self._prepare(images, scale, stated_um_per_px)
+        if scales is not None:
+            images, scales = [_at_size(image, self.input_card) for image in images], list(scales)
+        else:
+            images, scales = self._prepare(images, scale, stated_um_per_px)
         features = self._features(images, batch_size) if self.shared and images else None
         predictions = self._walk(images, batch_size, views=1, features=features)
         if self.second_look > 1:
@@ -203,11 +245,11 @@ class TreeClassifier:
             if scale_info.get("flag"):
                 prediction.flags.append(scale_info["flag"])
             if score is not None:
-                self._judge_familiarity(prediction, score, statistics.threshold)
+                self.judge_familiarity(prediction, score, statistics.threshold)
             self._finish(prediction)
         return predictions
 
-    def _judge_familiarity(self, prediction: TreePrediction, score: float, threshold: float) -> None:
+    def judge_familiarity(self, prediction: TreePrediction, score: float, threshold: float) -> None:
         """Record the cell's familiarity; an unfamiliar cell goes to review, stopped above a leaf.
 
         The tree's answers were learnt on cells like the training ones: for a cell unlike them, the deepest
@@ -236,13 +278,21 @@ class TreeClassifier:
         tensors = []
         for index, image in enumerate(images):
             if index in rgb:
-                own = found[index]
-                scales[index] = {**used.as_dict(), "own_px_per_um": round(own["red_cell_px"] / RBC_DIAMETER_UM, 3)
-                                 if own["red_cell_px"] and own["red_cells"] >= 2 else None,
-                                 "own_red_cells": own["red_cells"]}
+                scales[index] = _scale_record(used, found[index])
                 image = to_reference(rgb[index], reference, used)
             tensors.append(_at_size(image, card))
         return tensors, scales
+
+    def prepare(self, image: Image.Image, scale: ScaleEstimate | None) -> tuple[torch.Tensor, dict]:
+        """One image as `_prepare` makes it within a run of known `scale`: the uint8 input and its scale record.
+
+        Per image, so that a pool of threads can make a run's next chunk ready while the network classifies this one
+        (`classify(tensors, scales=records)` then gives the same predictions as `classify(images, scale=scale)`)."""
+        card, reference = self.input_card, self.scale_reference
+        if reference is None or scale is None:
+            return _at_size(image, card), {}
+        rgb = as_rgb(image)
+        return _at_size(to_reference(rgb, reference, scale), card), _scale_record(scale, measure(rgb))
 
     def _walk(self, images: Sequence[Image.Image | torch.Tensor], batch_size: int, views: int,
               features: list[torch.Tensor] | None = None) -> list[TreePrediction]:
@@ -260,6 +310,7 @@ class TreeClassifier:
             del pending[node]
             model, card = self.part(node)
             if features is None:  # one network per node: this node's input, resized once per input size
+                model = self.network(node)
                 by_index = resized.setdefault(card.input_size, {})
                 for index in indices:
                     if index not in by_index:
@@ -295,7 +346,7 @@ class TreeClassifier:
     def _features(self, images: Sequence[Image.Image | torch.Tensor], batch_size: int,
                   views: int = 1) -> list[torch.Tensor]:
         """The shared backbone's pooled features of every image, one (N, D) float tensor per view."""
-        backbone, card = self.backbone()
+        backbone, card = self.network(), self.input_card
         chunks: list[list[torch.Tensor]] = [[] for _ in range(views)]
         for start in range(0, len(images), batch_size):
             stacked = torch.stack([_at_size(image, card) for image in images[start:start + batch_size]])
@@ -305,7 +356,8 @@ class TreeClassifier:
                 out.append(self._forward(backbone, batch, batch_size).float())
         return [torch.cat(out) for out in chunks]
 
-    def _forward(self, model: torch.nn.Module, batch: torch.Tensor, batch_size: int) -> torch.Tensor:
+    def _forward(self, model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
+                 batch_size: int) -> torch.Tensor:
         """The model on a batch padded to a power of two rows (at most batch_size), the padding dropped after.
 
         A short batch (the end of an upload, a second look at a few cells) would otherwise bring a new input
@@ -330,6 +382,12 @@ class TreeClassifier:
                     prediction.flags.append(f"{marker} is always reviewed")
 
 
+def _scale_record(used: ScaleEstimate, own: dict) -> dict:
+    """What a cell keeps of its scale: the one it was classified at, and its own red cells' measure."""
+    return {**used.as_dict(), "own_px_per_um": round(own["red_cell_px"] / RBC_DIAMETER_UM, 3)
+            if own["red_cell_px"] and own["red_cells"] >= 2 else None, "own_red_cells": own["red_cells"]}
+
+
 def _at_size(item: "Image.Image | torch.Tensor", card: ModelCard) -> torch.Tensor:
     """A uint8 (3, S, S) tensor at the card's input size; a tensor already at that size is used as it is."""
     if isinstance(item, torch.Tensor):
@@ -343,7 +401,7 @@ def _at_size(item: "Image.Image | torch.Tensor", card: ModelCard) -> torch.Tenso
 def input_sizes(classifier: "TreeClassifier") -> set[tuple[int, str]]:
     """The (input size, interpolation) pairs the set's node models need: one pair allows resizing at decode."""
     if classifier.shared:
-        card = classifier.backbone()[1]
+        card = classifier.input_card
         return {(card.input_size, card.interpolation)}
     return {(card.input_size, card.interpolation)
             for card in (classifier.part(node)[1] for node in classifier.node_files)}
@@ -354,15 +412,18 @@ _lock = threading.Lock()
 
 
 def tree_classifier(set_folder: Path, tree: CellTree, device: str = "cpu",
-                    thresholds: dict[str, float] | None = None) -> TreeClassifier:
-    """One TreeClassifier per (folder, tree, device, thresholds) in this process, renewed when set.json changes."""
+                    thresholds: dict[str, float] | None = None, engine: str = "torch",
+                    onnx_cache: Path | None = None) -> TreeClassifier:
+    """One TreeClassifier per (folder, tree, device, thresholds, engine) in this process, renewed when set.json
+    changes."""
     folder = Path(set_folder).resolve()
     card_time = (folder / SET_CARD).stat().st_mtime_ns if (folder / SET_CARD).is_file() else 0
     key = (str(folder), card_time, tuple(sorted(tree.parents.items(), key=str)), str(device),
-           tuple(sorted((thresholds or {}).items())))
+           tuple(sorted((thresholds or {}).items())), engine, str(onnx_cache))
     with _lock:
         if key not in _classifiers:
-            _classifiers[key] = TreeClassifier(set_folder, tree, device, thresholds)
+            _classifiers[key] = TreeClassifier(set_folder, tree, device, thresholds, engine=engine,
+                                               onnx_cache=onnx_cache)
         return _classifiers[key]
 
 

@@ -288,7 +288,8 @@ def _fit_familiarity(tree: CellTree, cells: Sequence[CellRecord], train: list[in
                                  interpolation_for(config.architecture), workers=config.decode_workers))
 
     card = fit_familiarity(TreeClassifier(out_dir, tree, device), images(train), [cells[i].label for i in train],
-                           images(val), fitted_on="train split", threshold_on="val split")
+                           images(val), val_labels=[cells[i].label for i in val], fitted_on="train split",
+                           threshold_on="val split")
     record_familiarity(set_card, card)
     write_set(out_dir, set_card)
     callback(Progress("log", message=f"Familiarity: threshold {card['threshold']:.1f} (the {card['quantile']:.0%} "

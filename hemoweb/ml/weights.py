@@ -218,6 +218,14 @@ def cached_model(weights_path: Path, device: str | torch.device = "cpu", loader=
                         lambda path, key: loader(path, key[0]))
 
 
+_cards: dict = {}
+
+
+def cached_card(weights_path: Path) -> ModelCard:
+    """A weights file's card, read once per process and again when the file or its card changes (no model built)."""
+    return mtime_cached(_cards, _cache_lock, weights_path, "card", lambda path, _: read_card(path))
+
+
 @dataclass
 class ModelSetCard:
     """A folder of node classifiers that together classify down the whole tree."""

@@ -1,5 +1,6 @@
-"""python manage.py classify SOURCE [--models SET] --csv OUT: classify a folder or .zip of cell images."""
+"""python manage.py classify SOURCE [--models SET] --csv OUT [--json SUMMARY]: classify a folder or .zip of cell images."""
 
+import json
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
@@ -17,6 +18,8 @@ class Command(BaseCommand):
         parser.add_argument("--models", default="", help="Model set name, or a set folder under MODELS_DIR; "
                                                          "the active set when left out.")
         parser.add_argument("--csv", required=True, help="Where to write the results (CSV).")
+        parser.add_argument("--json", metavar="SUMMARY", help="Also write the run's summary here (JSON: run_id, counts, "
+                                                              "differential, site_shift).")
         parser.add_argument("--target", type=int, default=100, help="Count target (100, 200, 400 or 500).")
         parser.add_argument("--um-per-pixel", type=positive_float, metavar="UM",
                             help="The images' pixel size in µm, used when their red cells cannot be measured.")
@@ -25,8 +28,10 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         out = Path(options["csv"])
-        if not out.parent.exists():
-            raise CommandError(f"The folder for {out} does not exist.")
+        summary_out = Path(options["json"]) if options["json"] else None
+        for path in (out, summary_out):
+            if path is not None and not path.parent.exists():
+                raise CommandError(f"The folder for {path} does not exist.")
         try:
             run = services.run_from_source(source=Path(options["source"]), models=options["models"] or None,
                                            count_target=options["target"], draft=options["fast_decode"],
@@ -47,5 +52,13 @@ class Command(BaseCommand):
         if used:
             self.stdout.write(f"Scale: {used['source']}, {used['px_per_um']} px/µm ({used['ratio']}× the training "
                               f"scale){'; ' + used['flag'] if used.get('flag') else ''}")
+        shift = run.site_shift or {}
+        if shift.get("level"):
+            share = shift.get("unfamiliar_share")
+            self.stdout.write(f"Site shift: {shift['level']}" + (f" ({share:.0%} unfamiliar)" if share is not None
+                                                                 else "") + f": {shift.get('message', '')}")
+        if summary_out is not None:
+            summary_out.write_text(json.dumps(services.run_record(run), indent=2, ensure_ascii=False))
+            self.stdout.write(f"Summary → {summary_out}")
         if run.status == ClassificationRun.Status.FAILED:
             raise CommandError(f"Classification failed: {run.error} ({rows} cells done were written to {out}).")
