@@ -87,7 +87,7 @@ def main() -> None:
             print(method, label, results[f"{method}: {label}"], flush=True)
         picture(method, cells[0], [(label, att) for (m, label), att in maps.items() if m == method])
     payload = {"benchmark": "explain_fast", "hardware": {**hardware(), "torch_threads": torch.get_num_threads(),
-                                                         "load_average": list(np.round(np_load(), 2))},
+                                                         "load_average": [round(float(v), 2) for v in np_load()]},
                "model": f"models/default ROOT ({card.architecture}, {card.input_size} px)",
                "cells": f"{args.cells} demo PBC cells (demo/pbc, evenly spread)", "results": results}
     (RESULTS / "explain_fast-cpu.json").write_text(json.dumps(payload, indent=2) + "\n")
