@@ -128,6 +128,7 @@ def row(result: dict) -> dict:
             "coarse8_balanced_accuracy": result["coarse8"]["balanced_accuracy"],
             "forced_coarse8_accuracy": result["forced"]["coarse8"]["accuracy"],
             "forced_balanced_accuracy": result["forced"]["balanced_accuracy"],
+            "selective_accuracy": result.get("selective_accuracy"), "unfamiliar_share": result.get("unfamiliar_share"),
             "scale_source": run.get("source"), "scale_ratio": run.get("ratio"),
             "per_code_recall": {code: v["recall"] for code, v in result["per_code"].items()}}
 
@@ -150,7 +151,9 @@ def main() -> None:
         for name, items in sources.items():
             results[folder][name] = row(evaluate_tree(classifier, items))
             print(folder, name, {k: results[folder][name][k] for k in ("balanced_accuracy", "coarse8_accuracy",
-                                                                       "coverage", "scale_source", "scale_ratio")},
+                                                                       "coverage", "selective_accuracy",
+                                                                       "unfamiliar_share", "scale_source",
+                                                                       "scale_ratio")},
                   flush=True)
     path = write_result(f"cross_lab-{args.name}", {"models": args.models, "results": results})
     lines = [f"# Other labs' cells ({path.stem})", "", "Balanced accuracy down the tree (refusals count as wrong) · "

@@ -46,7 +46,8 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def test_explaining_a_demo_cell_writes_both_pictures_and_the_numbers(root_model, cell, computations):
+def test_explaining_a_demo_cell_writes_both_pictures_and_the_numbers(root_model, cell, computations, settings):
+    settings.HEMOWEB_EXPLAIN_INLINE_SECONDS = 60  # computed in the request even on a loaded machine
     outcome = request_explanation(model=root_model, method="ig", cell=cell)
     row = outcome.explanation
     assert row.status == Explanation.Status.DONE and not outcome.queued and computations == ["ig"]
