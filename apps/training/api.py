@@ -5,9 +5,12 @@ from rest_framework.response import Response
 
 from apps.accounts.roles import CuratorWritesLabStaffReads
 from apps.cells.models import Dataset
+from apps.classifiers.models import ModelSet
+from hemoweb.ml.adapt import MODES as ADAPT_MODES
 from hemoweb.ml.train import MODES
 
 from . import services
+from .adaptation import AdaptationError, start_adaptation
 from .models import TrainingJob
 
 
@@ -34,6 +37,11 @@ class StartTrainingSerializer(serializers.Serializer):
     shared_backbone = serializers.BooleanField(
         default=False, help_text="One backbone with a head per node: one network pass per cell for the whole tree.")
     activate = serializers.BooleanField(default=False)
+    adapt_from = serializers.SlugRelatedField(
+        slug_field="name", queryset=ModelSet.objects.all(), required=False, allow_null=True,
+        help_text="Adapt this shared-backbone set to the dataset's cells instead of training a new one.")
+    adapt_mode = serializers.ChoiceField(choices=ADAPT_MODES, default="heads")
+    per_type = serializers.IntegerField(min_value=0, default=0, help_text="Cells per type to adapt on (0: half).")
 
 
 class TrainingJobViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
@@ -49,6 +57,13 @@ class TrainingJobViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet)
         given = StartTrainingSerializer(data=request.data)
         given.is_valid(raise_exception=True)
         data = dict(given.validated_data)
+        if data.get("adapt_from"):
+            try:
+                job = start_adaptation(dataset=data["dataset"], from_set=data["adapt_from"], name=data["name"],
+                                       mode=data["adapt_mode"], per_type=data["per_type"], user=request.user)
+            except AdaptationError as error:
+                return Response({"detail": str(error)}, status=status.HTTP_400_BAD_REQUEST)
+            return Response(TrainingJobSerializer(job).data, status=status.HTTP_201_CREATED)
         try:
             job = services.start_training(dataset=data.pop("dataset"), name=data.pop("name"),
                                           params=services.job_params_from_form(data), user=request.user)

@@ -1,6 +1,7 @@
 from django import forms
 
 from apps.cells.models import CellType, Dataset
+from apps.classifiers.models import ModelSet
 from hemoweb.ml.train import MODES
 
 SUGGESTED_ARCHITECTURES = ("mobilenetv3_small_100", "resnet18", "tf_efficientnet_lite0", "mobilenetv3_large_100",
@@ -26,6 +27,14 @@ class TrainingForm(forms.Form):
         help_text="One network with a head per node, trained together: a cell costs one pass through the "
                   "network for the whole tree (faster training and classification, especially on CPU).")
     activate = forms.BooleanField(required=False, help_text="Make the new set the active one when it succeeds.")
+    adapt_from = forms.ModelChoiceField(
+        queryset=ModelSet.objects.all(), required=False, label="Adapt a trained set instead",
+        help_text="Fine-tune this shared-backbone set on part of the dataset's cells (the rest score it, before and "
+                  "after); the fields above except dataset and name are then not used. Registered, never activated, "
+                  "only when better on these cells and at most 1 point worse on the set's own test cells.")
+    adapt_mode = forms.ChoiceField(choices=[("heads", "Heads only (fast)"), ("norm", "BatchNorm statistics + heads"),
+                                            ("full", "Every weight")], initial="heads", required=False,
+                                   label="Adaptation")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

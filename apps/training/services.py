@@ -186,6 +186,11 @@ def run_training_job(job_id: int, *, echo: Callable[[str], None] | None = None) 
     job.save()
     recorder = _Recorder(job, echo)
     try:
+        if job.params.get("kind") == "adapt":  # an adaptation of a trained set (adaptation.py), on the same queue
+            from .adaptation import run_adaptation_job
+
+            run_adaptation_job(job, recorder)
+            return job
         config = training_config(job.params)
         splits = assign_dataset_splits(job.dataset, seed=config.seed)
         job.append_log("splits: " + ", ".join(f"{k} {v}" for k, v in sorted(splits.items())))

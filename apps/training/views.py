@@ -5,6 +5,7 @@ from django.views.decorators.http import require_POST
 from apps.accounts.roles import curator_required, is_curator, lab_staff_required
 
 from . import services
+from .adaptation import AdaptationError, start_adaptation
 from .charts import confusion_rows, loss_curves
 from .forms import SUGGESTED_ARCHITECTURES, TrainingForm
 from .models import TrainingJob
@@ -31,9 +32,13 @@ def start(request):
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
-            job = services.start_training(dataset=data["dataset"], name=data["name"],
-                                          params=services.job_params_from_form(data), user=request.user)
-        except services.TrainingRequestError as error:
+            if data.get("adapt_from"):
+                job = start_adaptation(dataset=data["dataset"], from_set=data["adapt_from"], name=data["name"],
+                                       mode=data.get("adapt_mode") or "heads", user=request.user)
+            else:
+                job = services.start_training(dataset=data["dataset"], name=data["name"],
+                                              params=services.job_params_from_form(data), user=request.user)
+        except (services.TrainingRequestError, AdaptationError) as error:
             form.add_error(None, str(error))
         else:
             messages.success(request, f"Training {job.name} queued.")
