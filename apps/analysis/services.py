@@ -39,7 +39,7 @@ from apps.cells.services import ImportError_, ImportReport, import_cells, upload
 from apps.classifiers.models import ModelSet
 from apps.sites.models import Site
 from hemoweb.ml.counts import COUNT_TARGETS, Differential, differential
-from hemoweb.ml.familiarity import SHIFT_MESSAGE, VALIDATION_RATE, site_shift
+from hemoweb.ml.familiarity import SHIFT_MESSAGE
 from hemoweb.ml.infer import TreeClassifier, input_sizes, pick_device, tree_classifier
 from hemoweb.ml.preprocess import decode_one, decode_resized_batch
 from hemoweb.ml.standardise import as_rgb, colour_summary, measure, scale_summary
@@ -301,10 +301,7 @@ def classify_run(run_id: int, *, source: Path | None = None, chunk: int | None =
         run.scale = {**({"run": scale.as_dict()} if scale else {}), **scale_summary(seen["scale"])}
         run.colour = {**colour_summary(seen["background"], classifier.input_card.colour.get("reference")),
                       "normalised": bool(classifier.input_card.colour)}
-        statistics = classifier.familiarity()  # None: the set has none, and the verdict is "unknown"
-        run.site_shift = site_shift(seen["familiarity"], run.scale, run.colour,
-                                    threshold=statistics.threshold if statistics else None,
-                                    validation_rate=statistics.validation_rate if statistics else VALIDATION_RATE)
+        run.site_shift = classifier.site_shift(seen["familiarity"], run.scale, run.colour)
         run.status, run.finished = ClassificationRun.Status.SUCCEEDED, timezone.now()
         run.save(update_fields=["status", "finished", "n_done", "skipped", "scale", "colour", "site_shift"])
     except (SourceError, AnalysisError, ModelFileError) as error:

@@ -296,7 +296,6 @@ def _classify(crops, field, boxes, model_set, um_per_pixel: float | None = None,
     training field (in µm) cut from the smear around the cell, at the smear's scale (its many red cells: the best
     ruler; the site's stated pixel size when they cannot be measured)."""
     from apps.cells.models import CellType
-    from hemoweb.ml.familiarity import VALIDATION_RATE, site_shift
     from hemoweb.ml.infer import TreeClassifier
     from hemoweb.ml.standardise import centred_window, colour_summary
 
@@ -312,13 +311,11 @@ def _classify(crops, field, boxes, model_set, um_per_pixel: float | None = None,
                 side = max(8, round(reference.field_px / scale.applied))
                 crops = [centred_window(field, side, ((b.x1 + b.x2) / 2, (b.y1 + b.y2) / 2)) for b in boxes]
         predictions = classifier.classify(crops, scale=scale)
-        statistics = classifier.familiarity()
+        shift = classifier.site_shift(predictions, scale.as_dict() if scale else None,
+                                      colour_summary([p.background for p in predictions],
+                                                     classifier.input_card.colour.get("reference")))
     except (ModelFileError, FileNotFoundError, KeyError) as error:
         return [None] * len(crops), model_set.name, f"The model set {model_set.name} cannot classify: {error}", {}
-    shift = site_shift(predictions, scale.as_dict() if scale else None,
-                       colour_summary([p.background for p in predictions], classifier.input_card.colour.get("reference")),
-                       threshold=statistics.threshold if statistics else None,
-                       validation_rate=statistics.validation_rate if statistics else VALIDATION_RATE)
     return [p.as_dict() for p in predictions], model_set.name, "", shift
 
 

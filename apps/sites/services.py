@@ -328,19 +328,6 @@ def studies_of(site: Site):
     return site.studies.select_related("created_by", "model_set")
 
 
-def confusion_heatmap(confusion: dict) -> list[dict]:
-    """Rows of the study's confusion matrix for an HTML heat map: each cell's count, column, shade (0–100, its share
-    of the row) and the colour's opacity, and whether it is the diagonal (right)."""
-    rows = []
-    for label, counts in zip(confusion.get("labels", []), confusion.get("matrix", []), strict=True):
-        total = sum(counts) or 1
-        columns = confusion.get("columns", [])
-        rows.append({"label": label, "cells": [{"n": n, "column": column, "shade": round(100 * n / total),
-                                                "alpha": round(0.6 * n / total, 3), "diag": column == label}
-                                               for n, column in zip(counts, columns, strict=True)]})
-    return rows
-
-
 CHART_W, CHART_H, PAD = 480, 160, 28
 
 

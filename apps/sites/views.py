@@ -6,6 +6,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from apps.accounts.roles import curator_required, is_curator, lab_staff_required
+from apps.training.charts import confusion_rows
 
 from . import services
 from .forms import StudyForm, UseSetForm
@@ -103,7 +104,7 @@ def quality_control(request, pk: int):
 def _study_context(request, study: VerificationStudy) -> dict:
     results = study.results or {}
     confusion = results.get("confusion", {})
-    return {"study": study, "r": results, "confusion": services.confusion_heatmap(confusion),
+    return {"study": study, "r": results, "confusion": confusion_rows(confusion),
             "columns": confusion.get("columns", []), "can_manage": is_curator(request.user),
             "per_type": [{"code": code, "row": row, "verdict": results.get("verdicts", {}).get(code, {})}
                          for code, row in results.get("per_type", {}).items()]}

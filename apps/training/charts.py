@@ -25,10 +25,12 @@ def loss_curves(history: dict[str, list[dict]]) -> list[dict]:
 
 
 def confusion_rows(confusion: dict) -> list[dict]:
-    """Rows of a confusion matrix with a shade (0–100) per cell for the table."""
+    """Rows of a confusion matrix for an HTML heat map: each cell's count, column, shade (0–100, its share of the
+    row), the colour's opacity, and whether it is the diagonal (right)."""
     rows = []
     for label, counts in zip(confusion.get("labels", []), confusion.get("matrix", []), strict=False):
         total = sum(counts) or 1
-        rows.append({"label": label, "cells": [{"n": n, "shade": round(100 * n / total), "diag": column == label}
+        rows.append({"label": label, "cells": [{"n": n, "column": column, "shade": round(100 * n / total),
+                                                "alpha": round(0.6 * n / total, 3), "diag": column == label}
                                                for n, column in zip(counts, confusion.get("columns", []), strict=False)]})
     return rows

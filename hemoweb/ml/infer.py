@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from .engine import EngineError, cached_onnx, resolve_engine
-from .familiarity import FLAG as UNFAMILIAR, Familiarity, cached_familiarity
+from .familiarity import FLAG as UNFAMILIAR, VALIDATION_RATE, Familiarity, cached_familiarity, site_shift
 from .preprocess import model_input, resize_uint8
 from .standardise import RBC_DIAMETER_UM, ScaleEstimate, ScaleReference, as_rgb, backgrounds, estimate_scale, measure, to_reference
 from .tree import CellTree
@@ -248,6 +248,13 @@ class TreeClassifier:
                 self.judge_familiarity(prediction, score, statistics.threshold)
             self._finish(prediction)
         return predictions
+
+    def site_shift(self, cells: Sequence, scale: dict | None, colour: dict | None) -> dict:
+        """The verdict on cells classified together (familiarity.site_shift) with this set's statistics; "unknown"
+        for a set without them."""
+        statistics = self.familiarity()
+        return site_shift(cells, scale, colour, threshold=statistics.threshold if statistics else None,
+                          validation_rate=statistics.validation_rate if statistics else VALIDATION_RATE)
 
     def judge_familiarity(self, prediction: TreePrediction, score: float, threshold: float) -> None:
         """Record the cell's familiarity; an unfamiliar cell goes to review, stopped above a leaf.
