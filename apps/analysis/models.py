@@ -64,6 +64,39 @@ class ClassificationRun(WorkerFields):
     site = models.ForeignKey("sites.Site", null=True, blank=True, default=default_site_id, on_delete=models.SET_NULL,
                              related_name="runs", help_text="The lab set-up the sample was imaged at.")
 
+    # Specimen identity (issue 17): required for export; the patient identifier never goes into a file name,
+    # a log line or a URL.
+    class Specimen(models.TextChoices):
+        PERIPHERAL_BLOOD = "peripheral-blood", "Peripheral blood"
+        BONE_MARROW = "bone-marrow", "Bone marrow"
+
+    class Kind(models.TextChoices):
+        CELLS = "cells", "Single-cell images"
+        SLIDE = "slide", "Slide fields"
+
+    accession = models.CharField(max_length=64, blank=True, db_index=True,
+                                 help_text="The specimen's accession number in the lab information system.")
+    patient_identifier = models.CharField(max_length=64, blank=True,
+                                          help_text="Optional; never written into file names, logs or URLs.")
+    specimen_type = models.CharField(max_length=20, choices=Specimen.choices, default=Specimen.PERIPHERAL_BLOOD)
+    collected_at = models.DateTimeField(null=True, blank=True, help_text="When the specimen was collected.")
+    wbc_count = models.FloatField(null=True, blank=True, verbose_name="WBC count (10⁹/L)",
+                                  help_text="The analyser's white count, for absolute counts in the export.")
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.CELLS,
+                            help_text="Single-cell images, or the fields of one slide (cells found by a detector).")
+    detector = models.ForeignKey("detection.Detector", null=True, blank=True, on_delete=models.SET_NULL,
+                                 related_name="+", help_text="The detector that found a slide run's cells.")
+    detector_name = models.CharField(max_length=100, blank=True)
+    # Review and sign-off (issue 20).
+    signoff_reason = models.TextField(blank=True, help_text="Why the run was signed off although a sign-off rule "
+                                                            "(count target, nothing reviewed) was not met.")
+    comment = models.TextField(blank=True, help_text="The reviewer's comment, printed on the report and exported.")
+    second_signed_off_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                             on_delete=models.SET_NULL, related_name="+",
+                                             help_text="The supervisor who confirmed the sign-off (runs over the "
+                                                       "site's blast or unfamiliar-cell limit).")
+    second_signed_off_at = models.DateTimeField(null=True, blank=True)
+
     class Meta:
         db_table = "ClassificationRuns"
         ordering = ["-created"]
@@ -141,6 +174,19 @@ class ClassifiedCell(models.Model):
     model_set = models.ForeignKey(ModelSet, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     model_set_name = models.CharField(max_length=100)
 
+    class Review(models.TextChoices):
+        PENDING = "pending", "Pending"
+        ACCEPTED = "accepted", "Accepted"
+        CHANGED = "changed", "Changed"
+
+    review_state = models.CharField(max_length=10, choices=Review.choices, default=Review.PENDING)
+    reviewed_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                    related_name="+")
+    reviewed_at = models.DateTimeField(null=True, blank=True)
+    field = models.ForeignKey("SlideField", null=True, blank=True, on_delete=models.SET_NULL, related_name="cells",
+                              help_text="The slide field the cell was found on (slide runs).")
+    box = models.JSONField(default=list, blank=True, help_text="[x1, y1, x2, y2] on its field, in field pixels.")
+
     class Meta:
         db_table = "ClassifiedCells"
         ordering = ["run", "index"]
@@ -161,6 +207,32 @@ class ClassifiedCell(models.Model):
     def offers_guess(self) -> bool:
         """An unresolved cell whose best guess goes further than where it stopped."""
         return self.guess_type_id is not None and self.guess_type_id != self.predicted_type_id
+
+
+class SlideField(models.Model):
+    """One field (photograph) of a slide run: what the detector found on it."""
+
+    run = models.ForeignKey(ClassificationRun, on_delete=models.CASCADE, related_name="fields")
+    index = models.PositiveIntegerField(help_text="Position in the upload.")
+    image = models.FileField(upload_to="slides/%Y/%m/", max_length=255, blank=True)
+    original_name = models.CharField(max_length=255)
+    sha256 = models.CharField(max_length=64, blank=True)
+    width = models.PositiveIntegerField(default=0)
+    height = models.PositiveIntegerField(default=0)
+    boxes = models.JSONField(default=list, blank=True,
+                             help_text="Every detection: {label, box [x1, y1, x2, y2], score, cell (id or null), "
+                                       "duplicate_of (cell id seen on an overlapping field, or null)}.")
+    n_white = models.PositiveIntegerField(default=0)
+    n_red = models.PositiveIntegerField(default=0)
+    n_platelets = models.PositiveIntegerField(default=0)
+    error = models.CharField(max_length=255, blank=True, help_text="Why the field could not be used.")
+
+    class Meta:
+        db_table = "SlideFields"
+        ordering = ["run", "index"]
+
+    def __str__(self) -> str:
+        return f"Field {self.index} of run {self.run_id}"
 
 
 class Correction(models.Model):

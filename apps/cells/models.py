@@ -34,6 +34,12 @@ class CellType(models.Model):
                   "Imports match them, the code and the name without regard to case.",
     )
 
+    loinc_code = models.CharField(max_length=20, blank=True, verbose_name="LOINC (automated)",
+                                  help_text="LOINC code of this type's percentage in an automated differential.")
+    loinc_manual_code = models.CharField(max_length=20, blank=True, verbose_name="LOINC (manual)",
+                                         help_text="LOINC code of this type's percentage in a manual (reviewed) "
+                                                   "differential.")
+
     objects = CellTypeQuerySet.as_manager()
     history = HistoricalRecords()  # audit trail: who changed what, when
 

@@ -65,6 +65,12 @@ class Site(models.Model):
     type_minimums = models.JSONField(default=default_criteria, blank=True,
                                      help_text='Acceptance per type, overriding the sensitivity above, e.g. '
                                                '{"BLA": 0.95}.')
+    second_review_blast_share = models.FloatField(
+        null=True, blank=True, help_text="Runs with more blasts than this share (0–1) need a supervisor's second "
+                                         "sign-off; empty: never.")
+    second_review_unfamiliar_share = models.FloatField(
+        null=True, blank=True, help_text="Runs with more unfamiliar cells than this share (0–1) need a supervisor's "
+                                         "second sign-off; empty: never.")
     created = models.DateTimeField(auto_now_add=True)
 
     objects = SiteQuerySet.as_manager()
