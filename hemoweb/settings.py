@@ -84,6 +84,7 @@ INSTALLED_APPS = [
     "apps.training",
     "apps.explain",
     "apps.sites",
+    "apps.lis",
 ]
 
 MIDDLEWARE = [
