@@ -229,6 +229,14 @@ HEMOWEB_ZIP_MAX_RATIO = env_int("ZIP_MAX_RATIO", 200)
 HEMOWEB_ZIP_MAX_ENTRY_BYTES = env_int("ZIP_MAX_ENTRY_BYTES", 64 * 1024 * 1024)
 # Classification: uploads with more files than this run as a background job.
 HEMOWEB_CLASSIFY_SYNC_MAX = env_int("CLASSIFY_SYNC_MAX", 300)
+# Through the page, uploads of more files than this go to the worker too: the run page shows their progress at once.
+HEMOWEB_CLASSIFY_PAGE_SYNC_MAX = env_int("CLASSIFY_PAGE_SYNC_MAX", 8)
+# The printed report's header: the lab's name, then its address lines ("|" or new lines between them; or
+# REPORT_HEADER_FILE), e.g. REPORT_HEADER="City Hospital haematology laboratory|1 Main Street, Springfield".
+HEMOWEB_REPORT_HEADER = [line.strip() for line in env_str("REPORT_HEADER").replace("|", "\n").splitlines()
+                         if line.strip()]
+# A job queued this long that no worker has taken says on its page which worker to start.
+HEMOWEB_QUEUE_HINT_SECONDS = env_int("QUEUE_HINT_SECONDS", 20)
 # Where classification and explanation run: auto = a CUDA GPU when present, else cpu.
 HEMOWEB_DEVICE = env_str("CLASSIFY_DEVICE", "auto")
 # Decode JPEGs in batches on the classifier's device: auto = on a GPU (nvJPEG), on | off to force.
@@ -245,6 +253,12 @@ HEMOWEB_ONNX_CACHE_DIR = env_path("ONNX_CACHE_DIR", VAR_DIR / "onnx")
 HEMOWEB_CLASSIFY_DECODE_WORKERS = env_int("CLASSIFY_DECODE_WORKERS", -1)
 # Files decoded and stored per chunk (0: the built-in 256); a run's heartbeat is renewed after each chunk.
 HEMOWEB_CLASSIFY_CHUNK = env_int("CLASSIFY_CHUNK", 0)
+# Slide runs: fields detected, classified and committed together; slides with more fields run as a background job.
+HEMOWEB_SLIDE_FIELD_CHUNK = env_int("SLIDE_FIELD_CHUNK", 8)
+HEMOWEB_SLIDE_SYNC_MAX = env_int("SLIDE_SYNC_MAX", 20)
+# Detect on fields white balanced and resampled to the detector's training fields (hemoweb.ml.fields). Off: on LISC
+# it found 80 % of the white cells instead of 2 %, but took red cells for white ones (97 % of the cells found).
+HEMOWEB_SLIDE_STANDARDISE = env_bool("SLIDE_STANDARDISE", False)
 # A running classification whose worker has not reported for this long is taken as lost (killed worker).
 HEMOWEB_CLASSIFY_STALE_SECONDS = env_int("CLASSIFY_STALE_SECONDS", 600)
 

@@ -8,6 +8,7 @@ from rest_framework.test import APIClient
 
 from apps.accounts.roles import LAB_STAFF
 from apps.analysis import services
+from tests.review_helpers import SMALL_RUN, review_flagged
 from tests.test_analysis_services import demo_images, demo_zip
 
 
@@ -22,7 +23,7 @@ def lab_api(lab_user):
     return token_client(lab_user)
 
 
-def test_post_a_zip_get_the_run_with_cells_and_counts_patch_a_cell(lab_api, tiny_model_set):
+def test_post_a_zip_get_the_run_with_cells_and_counts_patch_a_cell(lab_api, lab_user, tiny_model_set):
     created = lab_api.post("/api/classification-runs/", {"files": [SimpleUploadedFile("s.zip", demo_zip(1))],
                                                          "count_target": 200}, format="multipart")
     assert created.status_code == 201, created.content
@@ -42,7 +43,10 @@ def test_post_a_zip_get_the_run_with_cells_and_counts_patch_a_cell(lab_api, tiny
                           format="json")
     assert stale.status_code == 409 and "tech changed this cell to PLT" in stale.json()["detail"]
     assert lab_api.patch(f"/api/classified-cells/{cell['id']}/", {"final_type": "XYZ"}, format="json").status_code == 400
-    assert lab_api.post(f"/api/classification-runs/{run_id}/sign-off/").status_code == 200
+    from apps.analysis.models import ClassificationRun
+
+    review_flagged(ClassificationRun.objects.get(pk=run_id), lab_user)
+    assert lab_api.post(f"/api/classification-runs/{run_id}/sign-off/", {"reason": SMALL_RUN}).status_code == 200
     again = lab_api.post(f"/api/classification-runs/{run_id}/sign-off/")
     assert again.status_code == 409 and "already signed off" in again.json()["detail"]
     locked = lab_api.patch(f"/api/classified-cells/{cell['id']}/", {"final_type": "EOS"}, format="json")

@@ -6,6 +6,7 @@ import pytest
 
 from apps.analysis.models import ClassifiedCell
 from tests.conftest import login, screenshot
+from tests.review_helpers import SMALL_RUN, review_flagged
 from tests.test_analysis_services import demo_zip
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -49,11 +50,16 @@ def test_classify_correct_with_the_keyboard_and_sign_off(page, live_server, lab_
     page.focus(f"#{guess_id}")
     page.keyboard.press("Enter")
     page.wait_for_selector(f"#{guess_id}[data-code='{guess}']:not([data-guess])")
-    page.wait_for_selector("#agreement >> text=6 of 8 cells unchanged")
+    page.wait_for_selector("#agreement >> text=7 of 8 cells unchanged")  # an accepted best guess is no correction
     accepted = ClassifiedCell.objects.select_related("final_type", "guess_type").get(pk=int(guess_id.split("-")[1]))
     assert accepted.final_type.code == accepted.guess_type.code == guess and accepted.predicted_type.code == "MYE"
+    assert accepted.review_state == "accepted"
 
-    page.click("button:has-text('Sign off and lock')")
+    review_flagged(cell.run, cell.run.owner)
+    page.reload()
+    page.click("button:has-text('Sign off and lock…')")
+    page.fill("#sign-off-reason", SMALL_RUN)
+    page.click("#sign-off-dialog button[type=submit]")
     page.wait_for_selector("text=is signed off and locked")
     assert page.locator("select[name=code]").count() == 0
     screenshot(page, "analysis-signed-off")

@@ -31,7 +31,7 @@ def test_binomial_cdf_is_exact_for_small_cases():
 def test_differential_counts_percentages_lineages_me_ratio_and_blasts():
     tree = CellTree.default()
     codes = ["NGS"] * 40 + ["MYB"] * 10 + ["BLA"] * 5 + ["EBO"] * 20 + ["PEB"] * 5 + ["LYT"] * 20 + ["PLT"] * 7 + ["MYE"] * 0
-    result = differential(tree, codes, target=200)
+    result = differential(tree, codes, target=200, convention="bone-marrow")
     assert result.total == 107 and result.counted == 100  # platelets are listed, not counted
     by_code = {row.code: row for row in result.types}
     assert by_code["NGS"].percent == 40.0 and by_code["PLT"].percent is None and not by_code["PLT"].counted

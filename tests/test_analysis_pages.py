@@ -8,6 +8,7 @@ from django.urls import reverse
 
 from apps.analysis import services
 from apps.analysis.models import ClassificationRun
+from tests.review_helpers import SMALL_RUN, review_flagged, sign_off_small_run
 from tests.test_analysis_services import demo_zip, upload
 
 HX = {"HTTP_HX_REQUEST": "true"}
@@ -80,11 +81,12 @@ def test_a_stale_correction_is_refused_in_the_cell_with_who_changed_it(lab_clien
     assert cell.final_type.code == "LYT"
 
 
-def test_sign_off_locks_the_page_and_a_second_sign_off_says_so(lab_client, run):
+def test_sign_off_locks_the_page_and_a_second_sign_off_says_so(lab_client, lab_user, run):
     url = reverse("analysis:sign-off", args=[run.pk])
-    page = lab_client.post(url, follow=True).content.decode()
+    review_flagged(run, lab_user)
+    page = lab_client.post(url, {"confirm": "yes", "reason": SMALL_RUN}, follow=True).content.decode()
     assert "signed off and locked" in page and "<select" not in page
-    again = lab_client.post(url, follow=True).content.decode()
+    again = lab_client.post(url, {"confirm": "yes"}, follow=True).content.decode()
     assert "already signed off by tech" in again
     cell = run.cells.first()
     refused = lab_client.post(reverse("analysis:correct", args=[run.pk, cell.pk]), {"code": "EOS"}, **HX)
@@ -94,7 +96,7 @@ def test_sign_off_locks_the_page_and_a_second_sign_off_says_so(lab_client, run):
 def test_send_corrected_cells_to_a_dataset_in_one_action(lab_client, lab_user, run):
     cell = run.cells.exclude(final_type__code="EOS").first()
     services.correct_cell(cell_id=cell.pk, code="EOS", user=lab_user)
-    services.sign_off(run_id=run.pk, user=lab_user)
+    sign_off_small_run(run, lab_user)
     page = lab_client.post(reverse("analysis:send", args=[run.pk]), {"dataset": "Lab corrections"}, follow=True)
     assert "1 corrected cells added to the dataset Lab corrections" in page.content.decode()
 
@@ -103,7 +105,7 @@ def test_csv_export_and_printable_report(lab_client, lab_user, run):
     csv_response = lab_client.get(reverse("analysis:export", args=[run.pk]))
     assert csv_response["Content-Type"].startswith("text/csv")
     assert csv_response.content.decode().count("\n") == 9
-    services.sign_off(run_id=run.pk, user=lab_user)
+    sign_off_small_run(run, lab_user)
     report = lab_client.get(reverse("analysis:report", args=[run.pk])).content.decode()
     assert "signed off by <strong>tech</strong>" in report and "tiny" in report and "95 % CI" in report
 

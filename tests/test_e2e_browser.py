@@ -9,12 +9,13 @@ import zipfile
 
 import pytest
 
-from apps.analysis.models import ClassifiedCell
+from apps.analysis.models import ClassificationRun, ClassifiedCell
 from apps.classifiers.models import ModelSet
 from apps.detection.services import install_shipped_detector
 from apps.training import services as training
 from apps.training.models import TrainingJob
 from tests.conftest import DEMO, fill_tiny_training, login, screenshot
+from tests.review_helpers import SMALL_RUN, review_flagged
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -70,6 +71,7 @@ def test_a_lab_day_end_to_end(page, live_server, curator, tree, tiny_model_set, 
     job.refresh_from_db()
     assert not job.result.is_active and ModelSet.objects.active() == tiny_model_set
     page.click("button:has-text('Make active')")
+    page.click("button:has-text('Yes, make e2e set active')")  # after its figures and verification
     page.wait_for_selector("text=e2e set is now the active model set.")
     job.refresh_from_db()
     tiny_model_set.refresh_from_db()
@@ -96,7 +98,11 @@ def test_a_lab_day_end_to_end(page, live_server, curator, tree, tiny_model_set, 
     page.keyboard.press(key_for[target])
     page.wait_for_selector(f"#{cell_id}[data-code='{target}']")
     page.wait_for_selector("#agreement >> text=7 of 8 cells unchanged")
-    page.click("button:has-text('Sign off and lock')")
+    review_flagged(ClassificationRun.objects.latest("created"), curator)  # flagged cells are reviewed first
+    page.reload()
+    page.click("button:has-text('Sign off and lock…')")
+    page.fill("#sign-off-reason", SMALL_RUN)  # 8 cells, under the count target
+    page.click("#sign-off-dialog button[type=submit]")
     page.wait_for_selector("text=is signed off and locked")
     screenshot(page, "e2e-05-signed-off")
 

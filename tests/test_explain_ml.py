@@ -99,7 +99,8 @@ def test_integrated_gradients_from_black_still_favour_the_signal_region(trained,
 
 
 def test_occlusion_puts_most_attribution_on_the_signal_region(trained, signal_images):
-    assert mean_share(trained, signal_images, "occlusion", window=6, stride=2) > 0.6
+    # grey patches: on these noise images the brightest pixels (the default fill) are the white signal square itself
+    assert mean_share(trained, signal_images, "occlusion", window=6, stride=2, baseline="mean") > 0.6
 
 
 def test_gradcam_puts_most_attribution_on_the_signal_region(trained, signal_images):
@@ -165,9 +166,10 @@ def test_pictures_are_valid_png_images(trained, signal_images):
 
 
 def test_settings_are_validated_and_defaults_filled():
-    assert resolve_settings("ig", 224) == {"baseline": "black", "n_steps": 50, "internal_batch_size": 10}
-    assert resolve_settings("ig", 128)["internal_batch_size"] == 32
-    assert resolve_settings("occlusion", 224) == {"window": 28, "stride": 14, "perturbations_per_eval": 10}
+    assert resolve_settings("ig", 224) == {"baseline": "background", "n_steps": 8, "internal_batch_size": 8}
+    assert resolve_settings("ig", 128, n_steps=50)["internal_batch_size"] == 32
+    assert resolve_settings("occlusion", 224) == {"baseline": "background", "window": 56, "stride": 56,
+                                                   "perturbations_per_eval": 10}
     assert resolve_settings("gradcam", 224, n_steps=9) == {}
     with pytest.raises(ExplainError, match="n_steps must be between"):
         resolve_settings("ig", 224, n_steps=100_000)
@@ -184,7 +186,7 @@ def test_cost_grows_with_steps_and_finer_occlusion():
     assert ig[0] < ig[1] < ig[2] and ig[2] > 10
     coarse = estimate_cost("occlusion", resolve_settings("occlusion", 224), 224, 0.01)
     fine = estimate_cost("occlusion", resolve_settings("occlusion", 224, window=4, stride=1), 224, 0.01)
-    assert fine.passes == 1 + 1 + 221 * 221 and fine.seconds > 100 * coarse.seconds
+    assert fine.passes == 1 + 1 + 221 * 221 + 20 and fine.seconds > 100 * coarse.seconds
 
 
 @pytest.mark.parametrize("architecture", ["mobilenetv3_small_100", "resnet18"])

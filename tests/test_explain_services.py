@@ -60,12 +60,12 @@ def test_explaining_a_demo_cell_writes_both_pictures_and_the_numbers(root_model,
     summary = row.summary
     assert summary["target"] in summary["probabilities"] and summary["target"] == summary["predicted"]
     assert 0 <= summary["central_share"] <= 1 and summary["max"] >= summary["mean"]
-    assert row.overlay.name.startswith("explanations/") and row.settings["n_steps"] == 50
+    assert row.overlay.name.startswith("explanations/") and row.settings["n_steps"] == 8
 
 
 def test_the_same_request_again_comes_from_the_cache(root_model, cell, computations):
     first = request_explanation(model=root_model, method="occlusion", cell=cell, settings_={"window": 8})
-    again = request_explanation(model=root_model, method="occlusion", cell=cell, settings_={"window": 8, "stride": 4})
+    again = request_explanation(model=root_model, method="occlusion", cell=cell, settings_={"window": 8, "stride": 8})
     assert again.cached and again.explanation.pk == first.explanation.pk and computations == ["occlusion"]
     other = request_explanation(model=root_model, method="occlusion", cell=cell, settings_={"window": 6})
     assert not other.cached and other.explanation.pk != first.explanation.pk and len(computations) == 2

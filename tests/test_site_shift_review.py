@@ -12,6 +12,7 @@ from django.core.management import CommandError, call_command
 from apps.analysis import services
 from apps.analysis.models import ClassificationRun
 from tests.conftest import login, screenshot
+from tests.review_helpers import SMALL_RUN, review_flagged
 from tests.test_familiarity import DEMO_PBC, _zip, noise, shared_model_set, shared_set  # noqa: F401 (fixtures)
 
 DEMO = sorted(DEMO_PBC.glob("*/*.jpg"))
@@ -58,7 +59,9 @@ def test_an_alarm_run_is_signed_off_only_after_someone_acknowledges_it(alarmed, 
 
     page = lab_client.get(f"/analysis/runs/{alarmed.pk}/").content.decode()
     assert "Acknowledged by <strong>tech</strong>" in page and "I have read this warning" not in page
-    assert lab_client.post(f"/analysis/runs/{alarmed.pk}/sign-off/").status_code == 302
+    review_flagged(alarmed, lab_user)
+    assert lab_client.post(f"/analysis/runs/{alarmed.pk}/sign-off/",
+                           {"confirm": "yes", "reason": SMALL_RUN}).status_code == 302
     alarmed.refresh_from_db()
     assert alarmed.locked
     report = lab_client.get(f"/analysis/runs/{alarmed.pk}/report/").content.decode()
@@ -76,7 +79,8 @@ def test_the_api_acknowledges_a_warning_and_refuses_a_run_without_one(alarmed, m
     done = api.post(f"/api/classification-runs/{alarmed.pk}/acknowledge-shift/")
     assert done.status_code == 200
     assert done.json()["shift_acknowledged_by"] == "tech" and done.json()["shift_acknowledged_at"]
-    assert api.post(f"/api/classification-runs/{alarmed.pk}/sign-off/").status_code == 200
+    review_flagged(alarmed, lab_user)
+    assert api.post(f"/api/classification-runs/{alarmed.pk}/sign-off/", {"reason": SMALL_RUN}).status_code == 200
     if mixed.site_shift["level"] not in ("warn", "alarm"):
         nothing = api.post(f"/api/classification-runs/{mixed.pk}/acknowledge-shift/")
         assert nothing.status_code == 409 and "no site-shift warning" in nothing.json()["detail"]
@@ -96,7 +100,8 @@ def test_unfamiliar_cells_come_first_in_their_own_group_and_row_until_someone_ty
 
     counts = services.run_differential(mixed)
     assert counts.unfamiliar.n == len(strange) and counts.total == mixed.cells.count()
-    assert sum(row.n for row in counts.types) == counts.total - len(strange)  # never hidden in a type
+    unresolved = counts.unresolved.n if counts.unresolved else 0  # "Unresolved (review)", listed apart
+    assert sum(row.n for row in counts.types) + unresolved == counts.total - len(strange)  # never hidden in a type
     assert counts.unfamiliar.percent == pytest.approx(100 * len(strange) / counts.counted, abs=0.01)
     assert "awaiting review" in page
 
@@ -150,16 +155,20 @@ def test_the_model_set_page_draws_the_familiarity_histogram_and_risk_coverage(sh
 
 @pytest.mark.browser
 @pytest.mark.django_db(transaction=True)
-def test_a_technologist_acknowledges_an_alarm_then_signs_off_in_the_browser(page, live_server, alarmed):
+def test_a_technologist_acknowledges_an_alarm_then_signs_off_in_the_browser(page, live_server, alarmed, lab_user):
     login(page, live_server, "tech")
     page.goto(f"{live_server.url}/analysis/runs/{alarmed.pk}/")
     page.wait_for_selector("#site-shift[data-level='alarm']")
-    assert page.is_disabled("button:has-text('Sign off and lock')")
+    assert page.is_disabled("button:has-text('Sign off and lock…')")
     assert page.locator(".gallery-group").first.locator("h2").inner_text().startswith("Not a type this model knows")
     screenshot(page, "analysis-site-shift-alarm")
     page.click("button:has-text('I have read this warning')")
     page.wait_for_selector("text=Acknowledged by tech")
-    page.click("button:has-text('Sign off and lock')")
+    review_flagged(alarmed, lab_user)
+    page.reload()
+    page.click("button:has-text('Sign off and lock…')")
+    page.fill("#sign-off-reason", SMALL_RUN)
+    page.click("#sign-off-dialog button[type=submit]")
     page.wait_for_selector("text=is signed off and locked")
     alarmed.refresh_from_db()
     assert alarmed.locked and alarmed.shift_acknowledged_by.username == "tech"

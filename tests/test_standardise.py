@@ -147,3 +147,26 @@ def test_evaluation_reports_the_scale_and_colour_it_used(scaled_set, demo_pbc):
     assert result["scale"]["run"]["source"] == "red cells" and 0.4 < result["scale"]["run"]["ratio"] < 0.6
     assert result["scale"]["resampled"] == 20
     assert result["colour"]["normalised"] and len(result["colour"]["background_median"]) == 3
+
+
+def test_a_large_run_keeps_the_own_scale_of_a_spread_sample_of_its_cells(scaled_set, tree, settings, lab_user,
+                                                                          demo_pbc, monkeypatch):
+    """Every cell is classified at the run's scale; only every n-th also pays for its own red-cell measure."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from apps.analysis import services
+    from apps.classifiers.services import register_model_set
+
+    folder = settings.MODELS_DIR / "tiny-scaled"
+    shutil.copytree(scaled_set, folder)
+    register_model_set(folder, name="tiny-scaled", activate=True)
+    monkeypatch.setattr(services, "OWN_MEASURE_SAMPLE", 4)
+    rows = list(csv.DictReader(open(demo_pbc / "labels.csv")))[:12]
+    files = [SimpleUploadedFile(Path(r["path"]).name, (demo_pbc / r["path"]).read_bytes(), "image/jpeg") for r in rows]
+    run = services.start_run(owner=lab_user, files=files)
+    assert run.status == run.Status.SUCCEEDED, run.error
+    cells = list(run.cells.order_by("index"))
+    measured = [cell.index for cell in cells if cell.scale["own_red_cells"] is not None]
+    assert measured == [0, 3, 6, 9]  # 12 cells, a sample of 4: every third
+    assert len({cell.scale["px_per_um"] for cell in cells}) == 1, [c.scale for c in cells[:2]]
+    assert run.scale["own_measured"] <= 4 and run.scale["own_px_per_um_median"]

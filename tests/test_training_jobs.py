@@ -192,7 +192,9 @@ def test_pages_show_jobs_progress_results_and_comparison(finished_job, curator_c
     assert lab_only.post(activate).status_code in (302, 403)
     assert lab_only.get(reverse("classifiers:activate", args=[trained.pk])).status_code in (302, 403, 405)
     assert list(ModelSet.objects.filter(is_active=True)) == [other]
-    response = curator_client.post(activate, follow=True)
+    assert "Yes, make tiny set active" in curator_client.post(activate).content.decode()  # asks first
+    assert list(ModelSet.objects.filter(is_active=True)) == [other]
+    response = curator_client.post(activate, {"confirmed": "yes"}, follow=True)
     assert response.redirect_chain[-1][0] == reverse("classifiers:model-set", args=[trained.pk])
     assert "tiny set is now the active model set." in response.content.decode()
     assert list(ModelSet.objects.filter(is_active=True)) == [trained]

@@ -284,8 +284,9 @@ def test_a_second_look_averages_turned_views_for_the_unsure_cells_only(shared_se
     first = TreeClassifier(folder, CellTree.default()).classify(images)
     at_root = sorted(p.path[0].probability for p in first)
     threshold = (at_root[len(at_root) // 2 - 1] + at_root[len(at_root) // 2]) / 2  # half the cells unsure at ROOT
-    plain = TreeClassifier(folder, CellTree.default(), thresholds={"ROOT": threshold}, second_look=0).classify(images)
-    looked = TreeClassifier(folder, CellTree.default(), thresholds={"ROOT": threshold}, second_look=4).classify(images)
+    thresholds = {**dict.fromkeys(read_set(folder).nodes, 0.0), "ROOT": threshold}  # only ROOT stops cells
+    plain = TreeClassifier(folder, CellTree.default(), thresholds=thresholds, second_look=0).classify(images)
+    looked = TreeClassifier(folder, CellTree.default(), thresholds=thresholds, second_look=4).classify(images)
     root, card = load_model(folder / "ROOT.safetensors")
     with torch.inference_mode():
         batch = batch_for(images, card)

@@ -2,7 +2,7 @@ from django.apps import AppConfig
 from django.db.models.signals import post_migrate
 
 # Apps whose models curators manage in the admin (every permission of each).
-CURATOR_APP_LABELS = ("cells", "classifiers", "training", "detection", "sites")
+CURATOR_APP_LABELS = ("cells", "classifiers", "training", "detection", "sites", "lis")
 
 
 def grant_curator_permissions(sender, **kwargs) -> None:
@@ -11,6 +11,7 @@ def grant_curator_permissions(sender, **kwargs) -> None:
 
     curator, _ = Group.objects.get_or_create(name="Curator")
     Group.objects.get_or_create(name="Lab staff")
+    Group.objects.get_or_create(name="Supervisor")
     curator.permissions.add(*Permission.objects.filter(content_type__app_label__in=CURATOR_APP_LABELS))
 
 

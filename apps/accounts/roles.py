@@ -1,17 +1,23 @@
-"""The two roles of hemoweb and the checks that pages, the API and the admin share."""
+"""The roles of hemoweb and the checks that pages, the API and the admin share."""
 
 from django.contrib.auth.decorators import user_passes_test
 from rest_framework.permissions import BasePermission
 
 LAB_STAFF = "Lab staff"
 CURATOR = "Curator"
+SUPERVISOR = "Supervisor"  # senior lab staff: the second sign-off of runs over a site's blast or unfamiliar limit
 
 
 def is_lab_staff(user) -> bool:
-    """Lab staff use the app: classify, explain, detect and verify. Curators and superusers may too."""
+    """Lab staff use the app: classify, explain, detect and verify. Curators, supervisors and superusers may too."""
     return user.is_authenticated and (
-        user.is_superuser or user.groups.filter(name__in=[LAB_STAFF, CURATOR]).exists()
+        user.is_superuser or user.groups.filter(name__in=[LAB_STAFF, CURATOR, SUPERVISOR]).exists()
     )
+
+
+def is_supervisor(user) -> bool:
+    """Supervisors see every run and give the second sign-off where a site asks for one."""
+    return user.is_authenticated and (user.is_superuser or user.groups.filter(name=SUPERVISOR).exists())
 
 
 def is_curator(user) -> bool:

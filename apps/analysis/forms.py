@@ -4,9 +4,32 @@ from apps.classifiers.models import ModelSet
 from apps.sites.models import Site
 
 from .models import ClassificationRun
+from .specimen import IDENTITY_FIELDS
 
 
-class ClassifyForm(forms.Form):
+class SpecimenForm(forms.Form):
+    """A run's specimen identity (upload form, run page); the accession number is required for export."""
+
+    accession = forms.CharField(max_length=64, required=False, label="Accession number",
+                                help_text="The specimen's number in the lab information system (needed to export).")
+    patient_identifier = forms.CharField(max_length=64, required=False, label="Patient identifier (optional)")
+    specimen_type = forms.ChoiceField(choices=ClassificationRun.Specimen.choices, required=False,
+                                      initial=ClassificationRun.Specimen.PERIPHERAL_BLOOD, label="Specimen")
+    collected_at = forms.DateTimeField(required=False, label="Collected",
+                                       widget=forms.DateTimeInput(attrs={"type": "datetime-local", "step": 1},
+                                                                  format="%Y-%m-%dT%H:%M:%S"))
+    wbc_count = forms.FloatField(required=False, min_value=0.01, max_value=999, label="WBC count (10⁹/L, optional)",
+                                 help_text="The analyser's white count: the export adds absolute counts.")
+
+    def identity(self) -> dict:
+        return {key: self.cleaned_data.get(key) for key in IDENTITY_FIELDS}
+
+    @property
+    def specimen_fields(self) -> list:
+        return [self[name] for name in IDENTITY_FIELDS]
+
+
+class ClassifyForm(SpecimenForm):
     """The choices of a classification; the files themselves come as `files` (a .zip or images)."""
 
     model_set = forms.ModelChoiceField(queryset=ModelSet.objects.all(), required=False, empty_label=None,

@@ -120,6 +120,11 @@ class ClassificationRun(WorkerFields):
         return self.status in (self.Status.QUEUED, self.Status.RUNNING)
 
     @property
+    def no_usable_images(self) -> bool:
+        """Finished with every file skipped: nothing was classified (the reasons are in `skipped`)."""
+        return not self.active and self.n_total > 0 and len(self.skipped) >= self.n_total
+
+    @property
     def shift_alarm(self) -> bool:
         return (self.site_shift or {}).get("level") == "alarm"
 
@@ -128,11 +133,16 @@ class ClassificationRun(WorkerFields):
         """A run at alarm is signed off only after someone has acknowledged its site-shift warning."""
         return self.shift_alarm and self.shift_acknowledged_at is None
 
+    @property
+    def awaiting_second_sign_off(self) -> bool:
+        """Signed off, and over its site's blast or unfamiliar limit: it locks when a supervisor confirms."""
+        return self.signed_off_at is not None and not self.locked
+
 
 class ClassifiedCellQuerySet(models.QuerySet):
     def with_types(self):
         """Cells with everything their pages, API and CSV show, fetched in the same query."""
-        return self.select_related("predicted_type", "guess_type", "final_type", "corrected_by")
+        return self.select_related("predicted_type", "guess_type", "final_type", "corrected_by", "reviewed_by")
 
 
 class ClassifiedCell(models.Model):

@@ -3,21 +3,28 @@
 import json
 from itertools import groupby
 
+from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Paginator
 from django.db.models import Case, IntegerField, Value, When
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
+from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from apps.accounts.roles import lab_staff_required
+from apps.accounts.roles import is_supervisor, lab_staff_required
 from apps.cells.models import CellType
+from apps.operations.queue import SHORT_JOBS_COMMAND, no_worker_hint
 from hemoweb.ml.counts import UNFAMILIAR_NAME
 
 from . import services
-from .forms import ClassifyForm, CorrectForm
+from . import specimen as specimen_identity
+from .forms import ClassifyForm, CorrectForm, SpecimenForm
 from .models import ClassificationRun
+from .review import reference_strips
+from .report import report_context
+from .worklist import worklist
 
 GALLERY_PAGE_SIZE = 200
 KEY_CHARS = "abcdefghijklmnopqrstuvwxyz1234567890"
@@ -59,16 +66,17 @@ def home(request):
             run = services.start_run(
                 owner=request.user, files=request.FILES.getlist("files"), models=form.cleaned_data["model_set"],
                 count_target=form.cleaned_data["count_target"], name=form.cleaned_data["name"],
-                um_per_pixel=form.cleaned_data["um_per_pixel"],
+                um_per_pixel=form.cleaned_data["um_per_pixel"], sync_limit=services.page_sync_max(),
+                identity=form.identity(),
             )
         except services.AnalysisError as error:
             form.add_error(None, str(error))
         else:
-            if run.status == ClassificationRun.Status.FAILED:
+            if run.status == ClassificationRun.Status.FAILED and not run.no_usable_images:  # the run page says why
                 messages.error(request, f"Classification failed: {run.error}")
             return redirect("analysis:run", pk=run.pk)
-    runs = services.runs_for(request.user)[:25]
-    return render(request, "analysis/home.html", {"form": form, "runs": runs, "sync_max": services.sync_max()},
+    runs = worklist(request.user, request.GET, request.GET.get("page"))  # awaiting review first, filtered
+    return render(request, "analysis/home.html", {"form": form, "worklist": runs, "sync_max": services.page_sync_max()},
                   status=400 if form.errors else 200)
 
 
@@ -95,9 +103,26 @@ def _run_context(request, run: ClassificationRun) -> dict:
     choices, keys = _choices()
     return {
         "run": run, "page": page, "groups": groups, "view": view, "choices": choices,
-        "keys_json": json.dumps(keys), "counts": services.run_differential(run), "summary": services.run_summary(run),
+        "keys_json": json.dumps(keys), **_review_context(request, run),
         "flagged_only": bool(request.GET.get("flagged")),
+        "specimen_form": SpecimenForm(initial={key: getattr(run, key) for key in specimen_identity.IDENTITY_FIELDS}),
+        "queue_hint": _queue_hint(run),
     }
+
+
+def _review_context(request, run: ClassificationRun) -> dict:
+    """Counts, review progress and what a sign-off would sign (templates/analysis/_sign_off.html)."""
+    counts, summary = services.run_differential(run), services.run_summary(run)
+    return {"counts": counts, "summary": summary,
+            "signoff": services.signoff_check(run, summary=summary, counts=counts) if not run.active else None,
+            "can_second_sign": is_supervisor(request.user) and request.user.pk != run.signed_off_by_id,
+            "confirm_open": request.GET.get("sign-off") == "confirm"}
+
+
+def _queue_hint(run: ClassificationRun) -> str:
+    if run.status != ClassificationRun.Status.QUEUED:
+        return ""
+    return no_worker_hint("classification", settings.Q_CLUSTER["name"], run.created, SHORT_JOBS_COMMAND)
 
 
 @lab_staff_required
@@ -107,9 +132,18 @@ def run_detail(request, pk: int):
 
 
 @lab_staff_required
+def reference(request, pk: int):
+    """Typical training cells of a type and its alternatives (GET type, alt...), for the gallery's detail panel."""
+    run = _run_for(request, pk)
+    codes = [request.GET.get("type", "")] + request.GET.getlist("alt")
+    strips = reference_strips(run.model_set, [code for code in codes if code][:3])
+    return render(request, "analysis/_reference_cells.html", {"strips": strips})
+
+
+@lab_staff_required
 def run_progress(request, pk: int):
     run = _run_for(request, pk)
-    response = render(request, "analysis/run.html#progress", {"run": run})
+    response = render(request, "analysis/run.html#progress", {"run": run, "queue_hint": _queue_hint(run)})
     if not run.active:
         response["HX-Refresh"] = "true"  # the run is done: show its cells
     return response
@@ -139,22 +173,41 @@ def correct(request, pk: int, cell_pk: int):
             messages.error(request, error)
         return redirect("analysis:run", pk=run.pk)
     html = render_to_string("analysis/run.html#cell", context, request)
-    html += render_to_string("analysis/run.html#counts", {
-        "run": run, "counts": services.run_differential(run), "summary": services.run_summary(run), "oob": True,
-    }, request)
+    review = {"run": run, **_review_context(request, run), "oob": True}
+    html += render_to_string("analysis/run.html#counts", review, request)
+    html += render_to_string("analysis/_sign_off.html", review, request)
     return HttpResponse(html)  # htmx swaps only 2xx: a refused correction shows its message in the cell
 
 
 @require_POST
 @lab_staff_required
 def sign_off(request, pk: int):
+    """Sign off after the confirmation (the dialog of _sign_off.html); without it, show the confirmation."""
     run = _run_for(request, pk)
+    if request.POST.get("confirm") != "yes":
+        return redirect(reverse("analysis:run", args=[run.pk]) + "?sign-off=confirm")
     try:
-        services.sign_off(run_id=run.pk, user=request.user)
+        run = services.sign_off(run_id=run.pk, user=request.user, reason=request.POST.get("reason", "")[:2000])
     except services.AnalysisError as error:
         messages.error(request, str(error))
     else:
-        messages.success(request, f"Run {run.pk} is signed off and locked.")
+        if run.locked:
+            messages.success(request, f"Run {run.pk} is signed off and locked.")
+        else:
+            messages.success(request, f"Run {run.pk} is signed off; it awaits a supervisor's second sign-off.")
+    return redirect("analysis:run", pk=run.pk)
+
+
+@require_POST
+@lab_staff_required
+def second_sign_off(request, pk: int):
+    run = _run_for(request, pk)
+    try:
+        services.second_sign_off(run_id=run.pk, user=request.user)
+    except services.AnalysisError as error:
+        messages.error(request, str(error))
+    else:
+        messages.success(request, f"Run {run.pk} is signed off by a second person and locked.")
     return redirect("analysis:run", pk=run.pk)
 
 
@@ -186,6 +239,26 @@ def send_to_dataset(request, pk: int):
     return redirect("analysis:run", pk=run.pk)
 
 
+@require_POST
+@lab_staff_required
+def specimen(request, pk: int):
+    """Save the run's specimen identity (until sign-off)."""
+    run = _run_for(request, pk)
+    form = SpecimenForm(request.POST)
+    if not form.is_valid():
+        errors = "; ".join(f"{form[name].label}: {' '.join(e)}" for name, e in form.errors.items())
+        messages.error(request, f"The specimen was not saved: {errors}")
+        return redirect("analysis:run", pk=run.pk)
+    try:
+        values = {key: value for key, value in form.identity().items() if key in request.POST}  # the fields shown
+        specimen_identity.update_identity(run_id=run.pk, values=values)
+    except specimen_identity.IdentityError as error:
+        messages.error(request, str(error))
+    else:
+        messages.success(request, "Specimen saved.")
+    return redirect("analysis:run", pk=run.pk)
+
+
 @lab_staff_required
 def export_csv(request, pk: int):
     run = _run_for(request, pk)
@@ -198,8 +271,6 @@ def export_csv(request, pk: int):
 @lab_staff_required
 def report(request, pk: int):
     run = _run_for(request, pk)
-    flagged = run.cells.exclude(flags=[]).select_related("final_type").order_by("index")
     return render(request, "analysis/report.html", {
-        "run": run, "counts": services.run_differential(run), "summary": services.run_summary(run),
-        "flagged": flagged,
+        **_review_context(request, run), "run": run, **report_context(run),
     })

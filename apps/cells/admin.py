@@ -12,8 +12,9 @@ from .services import ImportError_, import_cells, relabel_cells
 
 @admin.register(CellType)
 class CellTypeAdmin(SimpleHistoryAdmin):
-    list_display = ["indented_name", "code", "aliases", "parent", "order", "own_images", "images_with_descendants"]
-    search_fields = ["code", "name", "aliases"]
+    list_display = ["indented_name", "code", "aliases", "parent", "order", "loinc_code", "loinc_manual_code",
+                    "own_images", "images_with_descendants"]
+    search_fields = ["code", "name", "aliases", "loinc_code", "loinc_manual_code"]
     autocomplete_fields = ["parent"]
 
     def get_queryset(self, request):

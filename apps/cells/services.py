@@ -14,6 +14,7 @@ from django.core.files.storage import default_storage
 from django.db import transaction
 from simple_history.utils import bulk_update_with_history
 
+from hemoweb.ml.loinc import DEFAULT_LOINC
 from hemoweb.ml.sources import BadImage, ImageSource, Limits, SourceError, check_image
 from hemoweb.ml.tree import DEFAULT_ALIASES, DEFAULT_TREE
 
@@ -48,9 +49,10 @@ def seed_cell_tree() -> tuple[int, int]:
     for order, (code, name, parent_code) in enumerate(DEFAULT_TREE):
         if code in existing:
             continue
+        automated, manual = DEFAULT_LOINC.get(code, ("", ""))
         existing[code] = CellType.objects.create(
             code=code, name=name, parent=existing.get(parent_code) if parent_code else None, order=order,
-            aliases=", ".join(DEFAULT_ALIASES.get(code, ())),
+            aliases=", ".join(DEFAULT_ALIASES.get(code, ())), loinc_code=automated, loinc_manual_code=manual,
         )
         created += 1
     return created, len(DEFAULT_TREE) - created

@@ -12,7 +12,11 @@ from .selectors import datasets_with_counts, tree_with_counts
 GALLERY_PAGE_SIZE = 60
 
 def home(request):
+    from apps.analysis.worklist import my_runs_to_review  # the start page shows the user's own work first
+
+    reviews, n_reviews = my_runs_to_review(request.user) if request.user.is_authenticated else ([], 0)
     return render(request, "cells/home.html", {
+        "my_reviews": reviews, "my_reviews_total": n_reviews,
         "modes": mode_links(),
         "n_cells": Cell.objects.count(),
         "n_datasets": Dataset.objects.count(),

@@ -1,9 +1,11 @@
 from django.contrib import messages
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_http_methods
 
 from apps.accounts.roles import curator_required
-from apps.sites.services import after_activation
+from apps.sites.models import Site
+from apps.sites.services import after_activation, latest_study, routine_warning
+from hemoweb.ml.metrics import threshold_floor
 
 from .models import ModelSet
 
@@ -45,17 +47,27 @@ def model_sets(request):
 
 def model_set(request, pk: int):
     model_set = get_object_or_404(ModelSet, pk=pk)
-    nodes = model_set.node_models.select_related("node", "architecture").prefetch_related("outputs__cell_type")
+    nodes = list(model_set.node_models.select_related("node", "architecture").prefetch_related("outputs__cell_type"))
+    for model in nodes:  # the lowest threshold that can still flag a cell (metrics.threshold_floor)
+        model.floor = threshold_floor(len(model.outputs.all()))
     familiarity = (model_set.metrics or {}).get("familiarity") or {}
     return render(request, "classifiers/model_set.html", {"model_set": model_set, "nodes": nodes,
                                                           "familiarity": familiarity,
                                                           "charts": familiarity_charts(familiarity)})
 
 
-@require_POST
+@require_http_methods(["GET", "POST"])
 @curator_required
 def activate(request, pk: int):
+    """Activation asks first: the page shows the set's test figures and its latest verification at the curator's
+    site beside the set in use; only the confirming POST activates."""
     model_set = get_object_or_404(ModelSet, pk=pk)
+    if request.method == "GET" or request.POST.get("confirmed") != "yes":
+        site = Site.objects.for_user(request.user)
+        study = latest_study(site, model_set)
+        return render(request, "classifiers/activate.html", {
+            "model_set": model_set, "active": ModelSet.objects.active(), "site": site, "study": study,
+            "warning": routine_warning(site, model_set, study)})
     model_set.activate()
     messages.success(request, f"{model_set.name} is now the active model set.")
     for note in after_activation(model_set, request.user):  # sites following the active set verify it again

@@ -7,7 +7,9 @@ ARCHITECTURES = [("yolov8n.yaml", "YOLOv8n (from scratch)"), ("yolo11n.yaml", "Y
 
 
 class DetectForm(forms.Form):
-    image = forms.FileField(label="Smear image", help_text="JPEG, PNG, TIFF or BMP; large fields are tiled.")
+    image = forms.FileField(label="Smear image", help_text="JPEG, PNG, TIFF or BMP; large fields are tiled.",
+                            error_messages={"required": "Choose a smear image to upload.",
+                                            "empty": "The file is empty (0 bytes): choose a smear image with content."})
 
 
 class ImportDetectionsForm(forms.Form):

@@ -297,19 +297,15 @@ def _classify(crops, field, boxes, model_set, um_per_pixel: float | None = None,
     ruler; the site's stated pixel size when they cannot be measured)."""
     from apps.cells.models import CellType
     from hemoweb.ml.infer import TreeClassifier
-    from hemoweb.ml.standardise import centred_window, colour_summary
+    from hemoweb.ml.standardise import colour_summary
 
     if model_set is None:
         return ([None] * len(crops), "", "No classifier model set is active: white cells are found but not classified.",
                 {})
     try:
         classifier = TreeClassifier(model_set.path, CellType.objects.as_tree())
-        reference, scale = classifier.scale_reference, None
-        if reference is not None:
-            scale = classifier.estimate_scale([field], um_per_pixel)
-            if not scale.flag:
-                side = max(8, round(reference.field_px / scale.applied))
-                crops = [centred_window(field, side, ((b.x1 + b.x2) / 2, (b.y1 + b.y2) / 2)) for b in boxes]
+        scale = classifier.estimate_scale([field], um_per_pixel) if classifier.scale_reference else None
+        crops = white_cell_crops(field, boxes, classifier.scale_reference, scale, crops)
         predictions = classifier.classify(crops, scale=scale)
         shift = classifier.site_shift(predictions, scale.as_dict() if scale else None,
                                       colour_summary([p.background for p in predictions],
@@ -317,6 +313,18 @@ def _classify(crops, field, boxes, model_set, um_per_pixel: float | None = None,
     except (ModelFileError, FileNotFoundError, KeyError) as error:
         return [None] * len(crops), model_set.name, f"The model set {model_set.name} cannot classify: {error}", {}
     return [p.as_dict() for p in predictions], model_set.name, "", shift
+
+
+def white_cell_crops(field, boxes, reference, scale, crops=None) -> list:
+    """The white cells as a model set expects them: a set trained at a scale (`reference`) gets a window of its
+    training field (in µm) cut from the smear around each cell at the smear's `scale`; otherwise (no reference, or a
+    scale that could not be trusted) a square crop around each box (`crops`, when already cut)."""
+    from hemoweb.ml.standardise import centred_window
+
+    if reference is not None and scale is not None and not scale.flag:
+        side = max(8, round(reference.field_px / scale.applied))
+        return [centred_window(field, side, ((b.x1 + b.x2) / 2, (b.y1 + b.y2) / 2)) for b in boxes]
+    return crops if crops is not None else ml.crop_cells(field, boxes)
 
 
 def data_uri(png: bytes) -> str:

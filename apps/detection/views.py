@@ -57,9 +57,9 @@ def detect(request):
         except DetectionInputError as error:
             context = {"error": str(error)}
     else:
-        context = {"error": "Choose a smear image to upload."}
-    if request.htmx:
-        return render(request, "detection/home.html#result", context, status=400 if "error" in context else 200)
+        context = {"error": " ".join(form.errors["image"])}
+    if request.htmx:  # htmx swaps only 2xx answers: a refused file shows its message in the result area
+        return render(request, "detection/home.html#result", context)
     return render(request, "detection/home.html", _context(request, **context), status=400 if "error" in context else 200)
 
 

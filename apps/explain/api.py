@@ -27,12 +27,12 @@ class ExplainInput(serializers.Serializer):
     method = serializers.ChoiceField(choices=list(METHODS), default="gradcam")
     target = serializers.CharField(required=False, allow_blank=True, default="", max_length=20,
                                    help_text="Class code to explain; empty = the predicted class.")
-    baseline = serializers.ChoiceField(choices=list(BASELINES), required=False, help_text="IG: black, blurred or mean.")
-    n_steps = serializers.IntegerField(required=False, min_value=2, max_value=1000, help_text="IG steps (default 50).")
+    baseline = serializers.ChoiceField(choices=list(BASELINES), required=False, help_text="IG baseline and Occlusion fill: background (default: the image's background colour), blurred, black or mean.")
+    n_steps = serializers.IntegerField(required=False, min_value=2, max_value=1000, help_text="IG steps (default 8).")
     internal_batch_size = serializers.IntegerField(required=False, min_value=1, max_value=1024)
     window = serializers.IntegerField(required=False, min_value=2, max_value=1024,
-                                      help_text="Occlusion window in model-input pixels (default input/8).")
-    stride = serializers.IntegerField(required=False, min_value=1, max_value=1024, help_text="Default window/2.")
+                                      help_text="Occlusion window in model-input pixels (default input/4).")
+    stride = serializers.IntegerField(required=False, min_value=1, max_value=1024, help_text="Default: the window (no overlap).")
     perturbations_per_eval = serializers.IntegerField(required=False, min_value=1, max_value=1024)
 
     SETTINGS = ("baseline", "n_steps", "internal_batch_size", "window", "stride", "perturbations_per_eval")

@@ -1,9 +1,13 @@
 from django import forms
 
 from apps.cells.models import Cell
-from hemoweb.ml.explain import BASELINES, METHODS
+from hemoweb.ml.explain import BASELINES, IG_STEPS, METHODS
 
 from .services import explainable_models
+
+
+BASELINE_LABELS = {"background": "the image's background colour", "blurred": "a blurred copy", "black": "black",
+                   "mean": "the normalisation mean (grey)"}
 
 
 class ModelChoiceField(forms.ModelChoiceField):
@@ -23,14 +27,14 @@ class ExplainForm(forms.Form):
     method = forms.ChoiceField(choices=[(key, label) for key, label in METHODS.items()], initial="gradcam")
     target = forms.CharField(required=False, max_length=20, label="Class to explain",
                              help_text="Empty: the predicted class.")
-    baseline = forms.ChoiceField(choices=[(b, b) for b in BASELINES], initial="black", required=False,
-                                 label="IG baseline")
+    baseline = forms.ChoiceField(choices=[(b, BASELINE_LABELS[b]) for b in BASELINES], initial=BASELINES[0],
+                                 required=False, label="IG baseline / Occlusion fill")
     n_steps = forms.IntegerField(required=False, min_value=2, max_value=1000, label="IG steps",
-                                 widget=forms.NumberInput(attrs={"placeholder": "50"}))
+                                 widget=forms.NumberInput(attrs={"placeholder": str(IG_STEPS)}))
     window = forms.IntegerField(required=False, min_value=2, max_value=1024, label="Occlusion window (px)",
-                                widget=forms.NumberInput(attrs={"placeholder": "input/8"}))
+                                widget=forms.NumberInput(attrs={"placeholder": "input/4"}))
     stride = forms.IntegerField(required=False, min_value=1, max_value=1024, label="Occlusion stride (px)",
-                                widget=forms.NumberInput(attrs={"placeholder": "window/2"}))
+                                widget=forms.NumberInput(attrs={"placeholder": "window"}))
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -64,5 +68,5 @@ class ExplainForm(forms.Form):
 
     def method_settings(self) -> dict:
         data = self.cleaned_data
-        names = {"ig": ("baseline", "n_steps"), "occlusion": ("window", "stride")}.get(data["method"], ())
+        names = {"ig": ("baseline", "n_steps"), "occlusion": ("baseline", "window", "stride")}.get(data["method"], ())
         return {name: data[name] for name in names if data.get(name) not in (None, "")}

@@ -8,6 +8,8 @@ from apps.cells.models import Cell
 from apps.classifiers.models import TrainedModel
 from hemoweb.ml.explain import METHODS
 
+CURVE_W, CURVE_H = 200, 100  # the faithfulness chart beside each picture (SVG viewBox units)
+
 
 class Explanation(models.Model):
     """A cached attribution: its pictures under MEDIA_ROOT/explanations/ and the numbers that go with them."""
@@ -67,6 +69,18 @@ class Explanation(models.Model):
     @property
     def percent(self) -> int:
         return int(round(100 * (1.0 if self.finished_ok else self.progress)))
+
+    @property
+    def faithfulness(self) -> dict:
+        """The deletion and insertion curves of the summary with SVG points for a small chart ({} when absent)."""
+        curves = (self.summary or {}).get("faithfulness") or {}
+        if not curves.get("fractions"):
+            return {}
+        points = {name: " ".join(f"{f * CURVE_W:.1f},{(1 - p) * CURVE_H:.1f}"
+                                 for f, p in zip(curves["fractions"], curves[name], strict=True))
+                  for name in ("deletion", "insertion")}
+        return {**curves, "deletion_points": points["deletion"], "insertion_points": points["insertion"],
+                "width": CURVE_W, "height": CURVE_H}
 
     def files_present(self) -> bool:
         return bool(self.overlay and self.figure and self.overlay.storage.exists(self.overlay.name)

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,41 @@ class Outcome:
     joined: bool = False  # the same explanation was already being computed
     queued: bool = False  # sent to the background queue
     estimate_seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------- timings
+
+RECENT = 20  # the page's promise: the median of this many recent explanations per method
+
+
+def typical_seconds(model: TrainedModel | None) -> list[dict]:
+    """How long each method takes with its default settings for `model`, for the page to promise.
+
+    Measured: the median of the last RECENT finished explanations with those settings (curves included).
+    A method never run here gets the estimate from the passes it needs and one timed pass through the model.
+    """
+    if model is None:
+        return []
+    timings, timed_pass = [], None
+    for method, label in METHODS.items():
+        defaults = resolve_settings(method, model.input_size)
+        rows = (Explanation.objects.filter(model=model, method=method, status=Explanation.Status.DONE,
+                                           seconds__isnull=False)
+                .order_by("-finished").values_list("settings", "seconds")[:5 * RECENT])
+        measured = [seconds for used, seconds in rows if used == defaults][:RECENT]
+        if measured:
+            timings.append({"method": method, "label": label, "seconds": statistics.median(measured),
+                            "n": len(measured), "measured": True})
+            continue
+        if timed_pass is None:
+            try:
+                net, card = _load(model)
+            except ExplainError:
+                continue
+            timed_pass = model_seconds_per_image(net, card.input_size)
+        timings.append({"method": method, "label": label, "measured": False, "n": 0,
+                        "seconds": estimate_cost(method, defaults, model.input_size, timed_pass).seconds})
+    return timings
 
 
 # ----------------------------------------------------------------------------------------- models

@@ -8,7 +8,15 @@ from hemoweb.ml.explain import ExplainError
 
 from .forms import ExplainForm
 from .models import Explanation
-from .services import as_id, classified_cell, decision_of, default_model, model_classes, request_explanation
+from .services import (
+    as_id,
+    classified_cell,
+    decision_of,
+    default_model,
+    model_classes,
+    request_explanation,
+    typical_seconds,
+)
 
 
 def _recent():
@@ -56,7 +64,7 @@ def home(request):
     if chosen:
         model = form.fields["model"].queryset.filter(pk=chosen).first()
         classes = model_classes(model) if model else []
-    context.update(form=form, classes=classes)
+    context.update(form=form, classes=classes, timings=typical_seconds(model if chosen else default_model()))
     return render(request, "explain/home.html", context)
 
 

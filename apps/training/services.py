@@ -27,6 +27,7 @@ from apps.cells.services import (
 )
 from apps.classifiers.models import ModelSet
 from apps.classifiers.services import RegistryError, register_model_set
+from apps.operations.queue import TRAINING_COMMAND, no_worker_hint
 from apps.operations.workers import lower_priority
 from hemoweb.ml.data import DataError, assign_splits, training_scale
 from hemoweb.ml.evaluate import choose_second_look, evaluate_tree, record_second_look
@@ -437,6 +438,16 @@ def detect_lost_jobs() -> list[TrainingJob]:
     return lost
 
 
+def queue_hint(job: TrainingJob) -> str:
+    """What a queued job's page says once it has waited a while: behind which job, or which worker to start."""
+    if job.status != TrainingJob.Status.QUEUED:
+        return ""
+    ahead = TrainingJob.objects.filter(status=TrainingJob.Status.RUNNING).exclude(pk=job.pk).first()
+    if ahead is not None:
+        return f"Waiting behind training #{ahead.pk} ({ahead.name}): the training worker runs one job at a time."
+    return no_worker_hint("training", settings.HEMOWEB_TRAINING_CLUSTER, job.created, TRAINING_COMMAND)
+
+
 # --- evaluation -----------------------------------------------------------------------------------
 
 
@@ -503,7 +514,8 @@ def _source_loader(source: ImageSource, path: str, max_pixels: int):
 
 
 def comparison_table() -> dict:
-    """Rows: tree nodes and 'all'; columns: architecture × mode (latest set of each); cells: accuracy, macro-F1.
+    """Rows: tree nodes and 'all'; columns: architecture × mode (latest set of each); cells: accuracy, macro-F1 and
+    the number of test cells they were measured on (n).
 
     A set whose nodes share one backbone is its own column ("pretrained_aug, shared backbone").
     """
@@ -521,7 +533,8 @@ def comparison_table() -> dict:
         for key in keys:
             metrics = columns[key].metrics
             value = metrics.get("nodes", {}).get(node) if node != "all" else (
-                {"accuracy": metrics.get("accuracy"), "macro_f1": metrics.get("macro_f1")} if "accuracy" in metrics else None)
+                {"accuracy": metrics.get("accuracy"), "macro_f1": metrics.get("macro_f1"), "n": metrics.get("n")}
+                if "accuracy" in metrics else None)
             cells.append(value)
         rows.append({"node": node, "cells": cells})
     return {"columns": [{"architecture": a, "mode": m, "set": columns[(a, m)]} for a, m in keys], "rows": rows}

@@ -57,7 +57,7 @@ def job(request, pk: int):
             nodes.append({"model": model, "test": test, "confusion": confusion_rows(test.get("confusion", {})),
                           "columns": test.get("confusion", {}).get("columns", [])})
     context = {"job": job, "charts": loss_curves(job.metrics.get("history", {})), "nodes": nodes,
-               "can_manage": is_curator(request.user)}
+               "can_manage": is_curator(request.user), "queue_hint": services.queue_hint(job)}
     return _render(request, "training/job.html", context, ("job-progress",))
 
 

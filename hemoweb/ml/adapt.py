@@ -35,6 +35,7 @@ from PIL import Image
 from .evaluate import evaluate_tree
 from .familiarity import fit_familiarity, record_familiarity
 from .infer import VIEW_ORDER, TreeClassifier, view
+from .metrics import threshold_floor
 from .preprocess import model_input
 from .standardise import as_rgb, measure
 from .train import BACKBONE, Progress
@@ -296,7 +297,8 @@ def choose_thresholds(backbone: torch.nn.Module, heads: torch.nn.ModuleDict, car
             if valid.sum() < 5:
                 continue
             top, predicted = head.eval()(features[valid]).softmax(dim=1).max(dim=1)
-            chosen[node] = choose_threshold(top.tolist(), (predicted == targets[node][valid]).tolist(), min_coverage)
+            chosen[node] = choose_threshold(top.tolist(), (predicted == targets[node][valid]).tolist(), min_coverage,
+                                            len(cards[node].classes))
     return chosen
 
 
@@ -521,7 +523,8 @@ def _adapt_into(classifier: TreeClassifier, folder: Path, tree: CellTree, cells:
                                    [code for _, code in replay_val] + lab_labels, tree, cards, config.min_coverage)
     for node, head in heads.items():
         node_card = read_card(folder / f"{node}.safetensors")
-        node_card.threshold = thresholds.get(node, node_card.threshold)
+        kept = max(node_card.threshold, threshold_floor(len(node_card.classes)))  # a node too few cells reached
+        node_card.threshold = thresholds.get(node, kept)
         save_state(head.eval().state_dict(), node_card, folder / f"{node}.safetensors")
     # familiarity: the adapted features of the set's training cells and the lab's labelled cells (every view)
     adapted = TreeClassifier(folder, tree)

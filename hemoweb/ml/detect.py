@@ -398,6 +398,7 @@ class DetectorCard:
     imgsz: int
     tile: int = 640  # native tile side for large images (the training images' long side)
     cell_classes: list[str] = field(default_factory=lambda: ["WBC"])  # classes cropped for the tree
+    reference: dict = field(default_factory=dict)  # its training fields' px_per_um and background (hemoweb.ml.fields)
     conf: float = 0.25
     iou: float = 0.5
     metrics: dict = field(default_factory=dict)

@@ -39,8 +39,10 @@ ENGINES = ("auto", "onnxruntime", "torch")
 FORMAT = "hemoweb-onnx-1"
 CACHE_FOLDER = ".onnx"  # inside the set folder
 OPSET = 17
-# An export is used only if its outputs on a test batch match PyTorch's within this (relative to their scale).
-EXPORT_TOLERANCE = 1e-4
+# An export is used only if its outputs on a test batch match PyTorch's within this (relative to their scale). The
+# float32 kernels of the two engines round differently from one CPU to another (1.3e-4 seen on an AMD EPYC, under
+# 1e-4 on an Intel Xeon): 1e-3 still keeps the probabilities within the 1e-3 the predictions are tested at.
+EXPORT_TOLERANCE = 1e-3
 
 
 class EngineError(RuntimeError):

@@ -55,6 +55,8 @@ class Step:
     node: str
     code: str
     probability: float
+    second: str = ""  # the runner-up at this node (the second choice a reviewer compares with); "": one class
+    second_probability: float = 0.0
 
 
 @dataclass
@@ -94,7 +96,9 @@ class TreePrediction:
     def as_dict(self) -> dict:
         return {
             "code": self.code,
-            "path": [{"node": s.node, "code": s.code, "probability": round(s.probability, 5)} for s in self.path],
+            "path": [{"node": s.node, "code": s.code, "probability": round(s.probability, 5),
+                      **({"second": s.second, "second_probability": round(s.second_probability, 5)}
+                         if s.second else {})} for s in self.path],
             "resolved": self.resolved,
             "flags": self.flags,
             "guess": self.guess,
@@ -290,16 +294,18 @@ class TreeClassifier:
             tensors.append(_at_size(image, card))
         return tensors, scales
 
-    def prepare(self, image: Image.Image, scale: ScaleEstimate | None) -> tuple[torch.Tensor, dict]:
+    def prepare(self, image: Image.Image, scale: ScaleEstimate | None, own: bool = True) -> tuple[torch.Tensor, dict]:
         """One image as `_prepare` makes it within a run of known `scale`: the uint8 input and its scale record.
 
         Per image, so that a pool of threads can make a run's next chunk ready while the network classifies this one
-        (`classify(tensors, scales=records)` then gives the same predictions as `classify(images, scale=scale)`)."""
+        (`classify(tensors, scales=records)` then gives the same predictions as `classify(images, scale=scale)`).
+        `own=False` leaves out the cell's own red-cell measure (a third of a cell's cost on the CPU): a large run
+        measures a sample of its cells, which says as much about how their scales fell."""
         card, reference = self.input_card, self.scale_reference
         if reference is None or scale is None:
             return _at_size(image, card), {}
         rgb = as_rgb(image)
-        return _at_size(to_reference(rgb, reference, scale), card), _scale_record(scale, measure(rgb))
+        return _at_size(to_reference(rgb, reference, scale), card), _scale_record(scale, measure(rgb) if own else None)
 
     def _walk(self, images: Sequence[Image.Image | torch.Tensor], batch_size: int, views: int,
               features: list[torch.Tensor] | None = None) -> list[TreePrediction]:
@@ -332,12 +338,13 @@ class TreeClassifier:
                 else:  # shared backbone: the node's head on the features computed once per view
                     logits = [model(view_features[chunk]) for view_features in features]
                 probabilities = torch.stack([out.float().softmax(dim=1) for out in logits]).mean(dim=0).cpu()
-                best_p, best_i = probabilities.max(dim=1)
-                for index, p, i in zip(chunk, best_p.tolist(), best_i.tolist(), strict=True):
-                    code = card.classes[i]
+                top_p, top_i = probabilities.topk(min(2, probabilities.shape[1]), dim=1)
+                for index, ps, ids in zip(chunk, top_p.tolist(), top_i.tolist(), strict=True):
+                    p, code = ps[0], card.classes[ids[0]]
                     prediction = predictions[index]
                     if index not in stopped:
-                        prediction.path.append(Step(node, code, p))
+                        second = (card.classes[ids[1]], ps[1]) if len(ids) > 1 else ("", 0.0)
+                        prediction.path.append(Step(node, code, p, *second))
                         if p < threshold:
                             looked = f" ({views} views)" if views > 1 else ""
                             prediction.flags.append(f"unsure at {node}: {p:.2f} < {threshold:.2f}{looked}")
@@ -389,8 +396,11 @@ class TreeClassifier:
                     prediction.flags.append(f"{marker} is always reviewed")
 
 
-def _scale_record(used: ScaleEstimate, own: dict) -> dict:
-    """What a cell keeps of its scale: the one it was classified at, and its own red cells' measure."""
+def _scale_record(used: ScaleEstimate, own: dict | None) -> dict:
+    """What a cell keeps of its scale: the one it was classified at, and its own red cells' measure (None: not
+    measured)."""
+    if own is None:
+        return {**used.as_dict(), "own_px_per_um": None, "own_red_cells": None}
     return {**used.as_dict(), "own_px_per_um": round(own["red_cell_px"] / RBC_DIAMETER_UM, 3)
             if own["red_cell_px"] and own["red_cells"] >= 2 else None, "own_red_cells": own["red_cells"]}
 

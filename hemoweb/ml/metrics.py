@@ -46,9 +46,30 @@ def classification_metrics(
     }
 
 
-def choose_threshold(top_probabilities: Sequence[float], correct: Sequence[bool], min_coverage: float = 0.98) -> float:
+# A node's top probability is never below chance (1 / its number of classes), so a threshold at or under
+# chance can never flag a cell: the shipped set once had 0.00 at NEU. Whatever the validation cells say, a
+# threshold is at least a third of the way from chance to certainty: 0.67 with 2 classes, 0.56 with 3, 0.50
+# with 4. A third rather than a half: on a weak node (MYI, validation macro-F1 0.83) half would send most of
+# its cells to review.
+FLOOR_SHARE = 1 / 3
+
+
+def threshold_floor(n_classes: int) -> float:
+    """The lowest threshold a node of `n_classes` classes may have (FLOOR_SHARE of the way from chance to 1)."""
+    chance = 1 / max(int(n_classes), 1)
+    return round(chance + FLOOR_SHARE * (1 - chance), 4)
+
+
+def choose_threshold(top_probabilities: Sequence[float], correct: Sequence[bool], min_coverage: float = 0.98,
+                     n_classes: int | None = None) -> float:
     """The confidence threshold that maximises the accuracy of the cells it accepts while keeping at least
-    `min_coverage` of them; the lowest such threshold (0 when refusing cells would not help)."""
+    `min_coverage` of them; the lowest such threshold (0 when refusing cells would not help), raised to
+    `threshold_floor(n_classes)` when the node's number of classes is given."""
+    floor = threshold_floor(n_classes) if n_classes else 0.0
+    return max(floor, _best_threshold(top_probabilities, correct, min_coverage))
+
+
+def _best_threshold(top_probabilities: Sequence[float], correct: Sequence[bool], min_coverage: float) -> float:
     pairs = sorted(zip(top_probabilities, correct, strict=True))
     n = len(pairs)
     if not n:

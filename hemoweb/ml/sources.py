@@ -5,6 +5,7 @@ compression ratio) and oversized entries are refused with a message a lab user u
 """
 
 import io
+import re
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -149,6 +150,13 @@ class ImageInfo:
     height: int
 
 
+def _over_limit(error: Image.DecompressionBombError, max_pixels: int) -> BadImage:
+    """Pillow's own bomb check fired first: say so with hemoweb's limit (MAX_IMAGE_PIXELS), not Pillow's."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    size = f"has {int(found.group(1)):,} pixels" if found else "is too large"
+    return BadImage(f"the image {size}, over the limit of {max_pixels:,} pixels (MAX_IMAGE_PIXELS)")
+
+
 def read_header(data: bytes, max_pixels: int = Limits.max_pixels) -> tuple[Image.Image, str, int, int]:
     """Open image bytes without decoding the pixels: (lazy image, format, width, height), checked.
 
@@ -162,7 +170,7 @@ def read_header(data: bytes, max_pixels: int = Limits.max_pixels) -> tuple[Image
     except UnidentifiedImageError:
         raise BadImage("not an image (the content is not a known image format)") from None
     except Image.DecompressionBombError as error:
-        raise BadImage(f"the image is too large to decode safely ({error})") from None
+        raise _over_limit(error, max_pixels) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise BadImage(f"the image is damaged or truncated ({error})") from None
     fmt, (width, height) = image.format, image.size
@@ -188,7 +196,7 @@ def decode_checked(data: bytes, max_pixels: int = Limits.max_pixels,
         image.load()  # decodes fully: a truncated file fails here
         rgb = image.convert("RGB")
     except Image.DecompressionBombError as error:
-        raise BadImage(f"the image is too large to decode safely ({error})") from None
+        raise _over_limit(error, max_pixels) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise BadImage(f"the image is damaged or truncated ({error})") from None
     return rgb, fmt, width, height

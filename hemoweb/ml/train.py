@@ -494,7 +494,7 @@ def train_heads(
             mean=mean_list,
             std=std_list,
             interpolation=interpolation_for(config.architecture),
-            threshold=choose_threshold(top, correct, config.min_coverage),
+            threshold=choose_threshold(top, correct, config.min_coverage, len(ns.classes)),
             colour=colour,
             mode=config.mode,
             metrics={"val": val_metrics, "val_macro_f1": val_metrics["macro_f1"], "test": test[ns.node][0],

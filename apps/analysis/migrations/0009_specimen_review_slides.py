@@ -6,13 +6,14 @@ from django.db import migrations, models
 
 
 def review_states(apps, schema_editor):
-    """Cells reviewed before review states: a changed type is `changed`; a cell someone saved unchanged, `accepted`."""
+    """Cells reviewed before review states: a cell kept at its prediction or given its best guess is `accepted`,
+    any other type `changed`."""
     Cell = apps.get_model("analysis", "ClassifiedCell")
     reviewed = Cell.objects.exclude(corrected_at=None)
-    reviewed.exclude(final_type=models.F("predicted_type")).update(
-        review_state="changed", reviewed_by=models.F("corrected_by"), reviewed_at=models.F("corrected_at"))
-    reviewed.filter(final_type=models.F("predicted_type")).update(
-        review_state="accepted", reviewed_by=models.F("corrected_by"), reviewed_at=models.F("corrected_at"))
+    kept = models.Q(final_type=models.F("predicted_type")) | models.Q(final_type=models.F("guess_type"))
+    who = {"reviewed_by": models.F("corrected_by"), "reviewed_at": models.F("corrected_at")}
+    reviewed.exclude(kept).update(review_state="changed", **who)
+    reviewed.filter(kept).update(review_state="accepted", **who)
 
 
 class Migration(migrations.Migration):

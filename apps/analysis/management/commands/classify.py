@@ -23,6 +23,12 @@ class Command(BaseCommand):
         parser.add_argument("--target", type=int, default=100, help="Count target (100, 200, 400 or 500).")
         parser.add_argument("--um-per-pixel", type=positive_float, metavar="UM",
                             help="The images' pixel size in µm, used when their red cells cannot be measured.")
+        parser.add_argument("--accession", default="", help="The specimen's accession number (needed to export).")
+        parser.add_argument("--specimen", choices=ClassificationRun.Specimen.values, default="peripheral-blood",
+                            help="Specimen type (counting convention).")
+        parser.add_argument("--patient-id", default="", help="Optional patient identifier (never logged).")
+        parser.add_argument("--collected", default="", metavar="DATETIME",
+                            help="When the specimen was collected, e.g. 2026-12-01T08:30.")
         parser.add_argument("--fast-decode", action="store_true",
                             help="Let the JPEG codec decode at reduced size (faster, slightly different pixels).")
 
@@ -35,7 +41,11 @@ class Command(BaseCommand):
         try:
             run = services.run_from_source(source=Path(options["source"]), models=options["models"] or None,
                                            count_target=options["target"], draft=options["fast_decode"],
-                                           um_per_pixel=options["um_per_pixel"])
+                                           um_per_pixel=options["um_per_pixel"],
+                                           identity={"accession": options["accession"],
+                                                     "specimen_type": options["specimen"],
+                                                     "patient_identifier": options["patient_id"],
+                                                     "collected_at": options["collected"]})
         except services.AnalysisError as error:
             raise CommandError(str(error)) from error
         with out.open("w", newline="", encoding="utf-8") as handle:
@@ -43,11 +53,11 @@ class Command(BaseCommand):
         for name, reason in run.skipped:
             self.stderr.write(f"skipped {name}: {reason}")
         counts = services.run_differential(run)
-        summary = ", ".join(f"{row.code} {row.n}" for row in counts.types)
+        summary = ", ".join(f"{row.code} {row.n}" for row in counts.types + [counts.unresolved] if row)
         self.stdout.write(f"Run {run.pk} with {run.model_set_name}: {rows} cells classified, "
                           f"{len(run.skipped)} skipped → {out}")
         if summary:
-            self.stdout.write(f"Counts: {summary}")
+            self.stdout.write(f"Counts: {summary} ({counts.convention.name})")
         used = run.scale.get("run")
         if used:
             self.stdout.write(f"Scale: {used['source']}, {used['px_per_um']} px/µm ({used['ratio']}× the training "
