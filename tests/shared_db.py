@@ -8,11 +8,14 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from django.conf import settings
 from django.db import connection
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class SharedDatabase:
@@ -46,6 +49,11 @@ class SharedDatabase:
             source = sqlite3.connect(self.file)
             source.backup(connection.connection)
             source.close()
+
+    def qcluster(self, log) -> subprocess.Popen:
+        """A django-q2 cluster on this database, in its own process group (so that a test can kill it whole)."""
+        return subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=REPO, env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
     def row(self, sql: str, params: tuple, orm: Callable[[], tuple]) -> tuple:
         """A row as the subprocess sees it now: `sql` on the shared SQLite file, or `orm()` on MariaDB."""

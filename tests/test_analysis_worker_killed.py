@@ -10,8 +10,6 @@ import io
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 import zipfile
 from datetime import timedelta
@@ -30,7 +28,6 @@ from tests.shared_db import SharedDatabase
 
 from .conftest import DEMO
 
-REPO = Path(__file__).resolve().parent.parent
 COPIES = 4  # 4 x 130 demo images: 520 files, 33 chunks of 16 in the worker
 
 
@@ -66,8 +63,7 @@ def test_a_killed_classification_worker_leaves_a_failed_run_with_its_cells(
     database.push()
     log_path = tmp_path / "qcluster.log"
     with open(log_path, "w") as log:
-        cluster = subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=REPO, env=database.env,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cluster = database.qcluster(log)
         try:
             deadline = time.monotonic() + 90
             status, done, total = _progress(database, run.pk)

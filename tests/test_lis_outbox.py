@@ -278,8 +278,7 @@ def test_the_schedule_s_task_runs_on_a_real_qcluster(transactional_db, tiny_mode
     database.push()
     log_path = tmp_path / "qcluster.log"
     with open(log_path, "w") as log:
-        cluster = subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=REPO, env=database.env,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cluster = database.qcluster(log)
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and database.row(

@@ -6,11 +6,8 @@ task names, arguments and files work in the worker process that `make run` start
 
 import io
 import os
-import subprocess
-import sys
 import time
 import zipfile
-from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -19,13 +16,11 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from apps.analysis import services as analysis
 from apps.analysis.models import ClassificationRun
-from apps.explain.models import Explanation
 from apps.explain.services import request_explanation, resolve_model
 from tests.shared_db import SharedDatabase, stop_worker
 
 from .conftest import DEMO
 
-REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
 
@@ -61,8 +56,7 @@ def test_a_classification_run_and_an_explanation_finish_on_a_real_qcluster(
     log_path = tmp_path / "qcluster.log"
     names = [f"classify run {run.pk}", f"explain-{explanation.pk}"]
     with open(log_path, "w") as log:
-        cluster = subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=REPO, env=database.env,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cluster = database.qcluster(log)
         try:
             deadline = time.monotonic() + 90
             while not _recorded(database, names) and time.monotonic() < deadline:

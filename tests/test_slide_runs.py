@@ -3,11 +3,8 @@
 import io
 import os
 import signal
-import subprocess
-import sys
 import time
 import zipfile
-from pathlib import Path
 
 import pytest
 from django.core.files.storage import default_storage
@@ -24,7 +21,6 @@ from tests.shared_db import SharedDatabase
 from .conftest import DEMO
 from .test_detection_ml import SHIPPED, _png_header_only
 
-REPO = Path(__file__).resolve().parent.parent
 FIELDS = DEMO / "bccd" / "BCCD" / "JPEGImages"
 ANNOTATIONS = DEMO / "bccd" / "BCCD" / "Annotations"
 
@@ -232,8 +228,7 @@ def test_slides_run_as_django_q2_jobs_and_a_killed_worker_fails_the_run_keeping_
     database.push()
     log_path = tmp_path / "qcluster.log"
     with open(log_path, "w") as log:
-        cluster = subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=REPO, env=database.env,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cluster = database.qcluster(log)
         try:
             deadline = time.monotonic() + 120
             status, done, total = _row(database, large.pk)

@@ -329,12 +329,7 @@ def classify_run(run_id: int, *, source: Path | None = None, chunk: int | None =
                                     time.perf_counter, seen)
         if files and len(run.skipped) >= len(files):
             raise AnalysisError(no_usable_images_message(len(files)))
-        run.scale = {**({"run": scale.as_dict()} if scale else {}), **scale_summary(seen["scale"])}
-        run.colour = {**colour_summary(seen["background"], classifier.input_card.colour.get("reference")),
-                      "normalised": bool(classifier.input_card.colour)}
-        run.site_shift = classifier.site_shift(seen["familiarity"], run.scale, run.colour)
-        run.status, run.finished = ClassificationRun.Status.SUCCEEDED, timezone.now()
-        run.save(update_fields=["status", "finished", "n_done", "skipped", "scale", "colour", "site_shift"])
+        finish_run(run, classifier, scale, seen)
     except (SourceError, AnalysisError, ModelFileError) as error:
         _mark_failed(run, str(error))
     except Exception as error:  # the run must say it failed, whatever broke
@@ -346,6 +341,16 @@ def classify_run(run_id: int, *, source: Path | None = None, chunk: int | None =
             ClassificationRun.objects.filter(pk=run.pk).update(upload="")
             run.upload = ""
     return run
+
+
+def finish_run(run: ClassificationRun, classifier: TreeClassifier, scale, seen: dict) -> None:
+    """A run's cells are all in: its scale, colour and site-shift summaries from what its cells showed, and done."""
+    run.scale = {**({"run": scale.as_dict()} if scale else {}), **scale_summary(seen["scale"])}
+    run.colour = {**colour_summary(seen["background"], classifier.input_card.colour.get("reference")),
+                  "normalised": bool(classifier.input_card.colour)}
+    run.site_shift = classifier.site_shift(seen["familiarity"], run.scale, run.colour)
+    run.status, run.finished = ClassificationRun.Status.SUCCEEDED, timezone.now()
+    run.save(update_fields=["status", "finished", "n_done", "skipped", "scale", "colour", "site_shift"])
 
 
 SCALE_SAMPLE = 32  # images a run's scale is measured on, spread over the upload

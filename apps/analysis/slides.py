@@ -49,7 +49,6 @@ from hemoweb.ml import detect as ml
 from hemoweb.ml.counts import COUNT_TARGETS
 from hemoweb.ml.fields import detect_field
 from hemoweb.ml.sources import BadImage, ImageSource, SourceError, decode_checked, read_header
-from hemoweb.ml.standardise import colour_summary, scale_summary
 from hemoweb.ml.weights import ModelFileError
 
 from . import services
@@ -435,12 +434,7 @@ def analyse_slide(run_id: int, *, source: Path | None = None, timings: dict | No
                 clock["detection"] += time.perf_counter() - started
                 _store_group(run, group, start + len(group), classifier, scale, types, clock, time.perf_counter,
                              seen)
-        run.scale = {**({"run": scale.as_dict()} if scale else {}), **scale_summary(seen["scale"])}
-        run.colour = {**colour_summary(seen["background"], classifier.input_card.colour.get("reference")),
-                      "normalised": bool(classifier.input_card.colour)}
-        run.site_shift = classifier.site_shift(seen["familiarity"], run.scale, run.colour)
-        run.status, run.finished = ClassificationRun.Status.SUCCEEDED, timezone.now()
-        run.save(update_fields=["status", "finished", "n_done", "skipped", "scale", "colour", "site_shift"])
+        services.finish_run(run, classifier, scale, seen)
     except (SourceError, AnalysisError, ModelFileError) as error:
         services._mark_failed(run, str(error))
     except Exception as error:  # the run must say it failed, whatever broke
