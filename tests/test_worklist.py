@@ -62,8 +62,17 @@ def _counts(html: str) -> dict[str, int]:
 def test_runs_awaiting_review_come_first_then_classifying_failed_and_signed_off(lab_client, runs):
     html = lab_client.get(reverse("analysis:home")).content.decode()
     assert _names(html) == ["new review", "old review", "running", "failed", "signed"]  # lab staff: own runs only
-    assert _counts(html) == {"review": 2, "running": 1, "failed": 1, "signed": 1}
+    assert _counts(html) == {"review": 2, "second": 0, "running": 1, "failed": 1, "signed": 1}
     assert html.count("awaiting review</span>") == 2
+
+
+def test_runs_awaiting_a_second_sign_off_have_their_own_state_after_those_awaiting_review(lab_client, lab_user, runs):
+    _run(lab_user, "first signed", signed_off_by=lab_user, signed_off_at=timezone.now())
+    html = lab_client.get(reverse("analysis:home")).content.decode()
+    assert _names(html) == ["new review", "old review", "first signed", "running", "failed", "signed"]
+    assert _counts(html)["second"] == 1 and html.count("awaiting second sign-off</span>") == 1
+    second = lab_client.get(reverse("analysis:home"), {"status": "second"}).content.decode()
+    assert _names(second) == ["first signed"]
 
 
 def test_a_curator_sees_every_run_and_filters_by_who(curator_client, runs):
@@ -76,7 +85,7 @@ def test_a_curator_sees_every_run_and_filters_by_who(curator_client, runs):
 def test_the_status_filter_keeps_the_counts_of_every_state(lab_client, runs):
     html = lab_client.get(reverse("analysis:home"), {"status": "review"}).content.decode()
     assert _names(html) == ["new review", "old review"]
-    assert _counts(html) == {"review": 2, "running": 1, "failed": 1, "signed": 1}
+    assert _counts(html) == {"review": 2, "second": 0, "running": 1, "failed": 1, "signed": 1}
     assert 'data-state="review" aria-current="page"' in html
 
 
@@ -91,7 +100,7 @@ def test_date_site_and_accession_filters(lab_client, runs):
     elsewhere = Site.objects.create(name="Satellite lab")
     ClassificationRun.objects.filter(pk=runs["failed"].pk).update(site=elsewhere)
     site = lab_client.get(reverse("analysis:home"), {"site": elsewhere.pk}).content.decode()
-    assert _names(site) == ["failed"] and _counts(site) == {"review": 0, "running": 0, "failed": 1, "signed": 0}
+    assert _names(site) == ["failed"] and _counts(site) == {"review": 0, "second": 0, "running": 0, "failed": 1, "signed": 0}
 
 
 def test_bad_filter_values_are_reported_and_ignored(lab_client, runs):

@@ -838,6 +838,8 @@ def sign_off(*, run_id: int, user, reason: str = "") -> ClassificationRun:
     run.save(update_fields=["locked", "signed_off_by", "signed_off_at", "signoff_reason"])
     if check.second_review:
         log.info("classification run %s: signed off, awaiting a second sign-off (%s)", run.pk, check.second_review)
+    else:
+        log.info("classification run %s: signed off and locked%s", run.pk, " (with a reason)" if reason else "")
     return run
 
 

@@ -16,7 +16,8 @@ Status = ClassificationRun.Status
 
 # (value, label, condition): the order is the worklist's order, the work a person has to do first.
 STATES = (
-    ("review", "Awaiting review", Q(status=Status.SUCCEEDED, locked=False)),
+    ("review", "Awaiting review", Q(status=Status.SUCCEEDED, locked=False, signed_off_at=None)),
+    ("second", "Awaiting second sign-off", Q(status=Status.SUCCEEDED, locked=False, signed_off_at__isnull=False)),
     ("running", "Classifying", Q(status__in=(Status.QUEUED, Status.RUNNING))),
     ("failed", "Failed", Q(status=Status.FAILED)),
     ("signed", "Signed off", Q(locked=True)),
