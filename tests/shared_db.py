@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +55,24 @@ class SharedDatabase:
         """A django-q2 cluster on this database, in its own process group (so that a test can kill it whole)."""
         return subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=REPO, env=self.env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+
+    def qcluster_killed_midway(self, log_path: Path, progress: Callable[[], tuple], timeout: float) -> tuple:
+        """Start a cluster, wait until `progress()` ((status, done, total) as it sees them) shows work done, then
+        SIGKILL its whole process group, mid-run (the out-of-memory killer, a reboot). Returns the last progress and
+        the cluster's pid."""
+        with open(log_path, "w") as log:
+            cluster = self.qcluster(log)
+            try:
+                deadline = time.monotonic() + timeout
+                status, done, total = progress()
+                while done == 0 and time.monotonic() < deadline:
+                    assert cluster.poll() is None, log_path.read_text()[-3000:]
+                    time.sleep(0.05)
+                    status, done, total = progress()
+            finally:
+                os.killpg(cluster.pid, signal.SIGKILL)
+                cluster.wait()
+        return (status, done, total), cluster.pid
 
     def row(self, sql: str, params: tuple, orm: Callable[[], tuple]) -> tuple:
         """A row as the subprocess sees it now: `sql` on the shared SQLite file, or `orm()` on MariaDB."""

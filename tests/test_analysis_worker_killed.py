@@ -8,7 +8,6 @@ subprocess connects to the test database itself.
 import csv
 import io
 import os
-import signal
 import socket
 import time
 import zipfile
@@ -62,27 +61,14 @@ def test_a_killed_classification_worker_leaves_a_failed_run_with_its_cells(
     database = SharedDatabase(tmp_path, Q_WORKERS="1", CLASSIFY_CHUNK="16", VAR_DIR=str(tmp_path / "var"))
     database.push()
     log_path = tmp_path / "qcluster.log"
-    with open(log_path, "w") as log:
-        cluster = database.qcluster(log)
-        try:
-            deadline = time.monotonic() + 90
-            status, done, total = _progress(database, run.pk)
-            while done == 0 and time.monotonic() < deadline:
-                assert cluster.poll() is None, log_path.read_text()[-3000:]
-                time.sleep(0.05)
-                status, done, total = _progress(database, run.pk)
-            os.killpg(cluster.pid, signal.SIGKILL)  # the whole cluster, mid-run: out-of-memory killer, reboot
-            cluster.wait()
-        finally:
-            if cluster.poll() is None:
-                os.killpg(cluster.pid, signal.SIGKILL)
-                cluster.wait()
+    (status, done, total), cluster_pid = database.qcluster_killed_midway(log_path, lambda: _progress(database, run.pk),
+                                                                         timeout=90)
     assert status == "running" and 0 < done < total, (status, done, total, log_path.read_text()[-3000:])
     database.pull()
 
     run.refresh_from_db()
     assert run.status == ClassificationRun.Status.RUNNING  # the worker could record nothing
-    assert run.worker_host == socket.gethostname() and run.worker_pid not in (None, os.getpid(), cluster.pid)
+    assert run.worker_host == socket.gethostname() and run.worker_pid not in (None, os.getpid(), cluster_pid)
     worker_pid = run.worker_pid
     deadline = time.monotonic() + 10  # the orphaned worker may need a moment to be reaped
     while pid_alive(worker_pid) and time.monotonic() < deadline:

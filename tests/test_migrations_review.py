@@ -5,14 +5,9 @@ from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
 
+from tests.test_migrations_sites import _migrate
+
 BEFORE = [("analysis", "0008_run_site"), ("cells", "0004_dataset_site"), ("sites", "0002_default_site")]
-
-
-def _migrate(targets):
-    executor = MigrationExecutor(connection)
-    executor.loader.build_graph()
-    executor.migrate(targets)
-    return executor.loader.project_state(targets).apps
 
 
 @pytest.mark.django_db(transaction=True)

@@ -2,7 +2,6 @@
 
 import io
 import os
-import signal
 import time
 import zipfile
 
@@ -227,28 +226,15 @@ def test_slides_run_as_django_q2_jobs_and_a_killed_worker_fails_the_run_keeping_
     database = SharedDatabase(tmp_path, Q_WORKERS="1", SLIDE_FIELD_CHUNK="4", VAR_DIR=str(tmp_path / "var"))
     database.push()
     log_path = tmp_path / "qcluster.log"
-    with open(log_path, "w") as log:
-        cluster = database.qcluster(log)
-        try:
-            deadline = time.monotonic() + 120
-            status, done, total = _row(database, large.pk)
-            while done == 0 and time.monotonic() < deadline:
-                assert cluster.poll() is None, log_path.read_text()[-3000:]
-                time.sleep(0.05)
-                status, done, total = _row(database, large.pk)
-            os.killpg(cluster.pid, signal.SIGKILL)  # the whole cluster, mid-slide
-            cluster.wait()
-        finally:
-            if cluster.poll() is None:
-                os.killpg(cluster.pid, signal.SIGKILL)
-                cluster.wait()
+    (status, done, total), cluster_pid = database.qcluster_killed_midway(log_path, lambda: _row(database, large.pk),
+                                                                         timeout=120)
     assert status == "running" and 0 < done < total, (status, done, total, log_path.read_text()[-3000:])
     database.pull()
 
     small.refresh_from_db()  # the first slide finished in the worker, as one run with its fields
     assert small.status == "succeeded" and small.n_done == 3 and small.fields.count() == 3, small.error
     assert small.cells.count() == sum(small.fields.values_list("n_white", flat=True)) > 0
-    assert small.worker_pid not in (None, os.getpid(), cluster.pid)
+    assert small.worker_pid not in (None, os.getpid(), cluster_pid)
 
     large.refresh_from_db()
     n_done = large.n_done
