@@ -155,6 +155,26 @@ def test_the_model_set_page_draws_the_familiarity_histogram_and_risk_coverage(sh
 
 @pytest.mark.browser
 @pytest.mark.django_db(transaction=True)
+def test_the_familiarity_charts_are_drawn_in_the_browser_with_the_threshold_inside_the_histogram(
+        page, live_server, shared_model_set, lab_user):  # noqa: F811
+    login(page, live_server, "tech")
+    page.goto(f"{live_server.url}/models/{shared_model_set.pk}/")
+    histogram = page.locator("#familiarity-histogram svg")
+    assert "threshold" in histogram.get_attribute("aria-label")
+    chart, line = histogram.bounding_box(), page.locator("#familiarity-histogram .threshold").bounding_box()
+    assert chart["width"] > 100 and chart["height"] > 50  # drawn at a readable size, not collapsed
+    assert chart["x"] <= line["x"] <= chart["x"] + chart["width"]  # the threshold falls on the chart
+    bars = page.locator("#familiarity-histogram .bar")
+    assert bars.count() == len(shared_model_set.metrics["familiarity"]["histogram"]["counts"])
+    assert max(bars.nth(i).bounding_box()["height"] for i in range(bars.count())) > 10
+    curve = page.locator("#risk-coverage polyline").bounding_box()
+    assert curve["width"] > 50  # the curve spans the coverage axis
+    assert page.get_by_text("Not evaluated down the whole tree yet").is_visible()  # no empty figures
+    screenshot(page, "model-set-familiarity-charts")
+
+
+@pytest.mark.browser
+@pytest.mark.django_db(transaction=True)
 def test_a_technologist_acknowledges_an_alarm_then_signs_off_in_the_browser(page, live_server, alarmed, lab_user):
     login(page, live_server, "tech")
     page.goto(f"{live_server.url}/analysis/runs/{alarmed.pk}/")

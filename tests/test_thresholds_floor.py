@@ -69,6 +69,8 @@ def test_the_model_set_page_says_how_thresholds_were_chosen_and_shows_each_floor
     assert "How thresholds were chosen" in html and "Floor" in html and "1/n + (1 − 1/n)/3" in html
     assert "0.67" in html and "0.56" in html and ">below the floor</span>" not in html
     assert "the floor was applied 2026-12-01" in html
+    after = html.split('id="after-floor"')[1].split("</li>")[0]  # the figures measured with the floor, apart
+    assert "coverage: 0.9433" in after and "The figures below were measured before it" in after
 
 
 @pytest.mark.django_db
