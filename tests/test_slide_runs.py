@@ -251,6 +251,8 @@ def test_slides_run_as_django_q2_jobs_and_a_killed_worker_fails_the_run_keeping_
     assert large.cells.count() == sum(f.n_white for f in fields) > 0
     assert all(cell.field_id and cell.box for cell in large.cells.all())
     assert all(default_storage.exists(cell.image.name) for cell in large.cells.all())
+    stored = set(default_storage.listdir(f"analysis/{large.pk}/fields")[1])  # no field of the unfinished group left
+    assert stored == {os.path.basename(f.image.name) for f in fields if f.image}
     assert large.upload == ""
 
 

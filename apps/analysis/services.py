@@ -48,7 +48,7 @@ from hemoweb.ml.sources import BadImage, ImageSource, SourceError
 from hemoweb.ml.weights import ModelFileError, read_set
 
 from . import specimen
-from .models import ClassificationRun, ClassifiedCell, Correction
+from .models import ClassificationRun, ClassifiedCell, Correction, SlideField
 
 log = logging.getLogger(__name__)
 CHUNK = 256
@@ -560,16 +560,18 @@ def check_worker(run: ClassificationRun) -> ClassificationRun:
 
 
 def _remove_unrecorded_images(run_id: int) -> None:
-    """Images a killed worker stored for a chunk whose rows it never committed."""
-    folder = f"analysis/{run_id}"
-    try:
-        names = default_storage.listdir(folder)[1]
-    except OSError:
-        return
-    recorded = set(ClassifiedCell.objects.filter(run_id=run_id).values_list("image", flat=True))
-    for name in names:
-        if f"{folder}/{name}" not in recorded:
-            default_storage.delete(f"{folder}/{name}")
+    """Images a killed worker stored for a chunk whose rows it never committed: cells, and a slide run's fields."""
+    recorded = {"": set(ClassifiedCell.objects.filter(run_id=run_id).values_list("image", flat=True)),
+                "/fields": set(SlideField.objects.filter(run_id=run_id).values_list("image", flat=True))}
+    for sub, kept in recorded.items():
+        folder = f"analysis/{run_id}{sub}"
+        try:
+            names = default_storage.listdir(folder)[1]
+        except OSError:
+            continue
+        for name in names:
+            if f"{folder}/{name}" not in kept:
+                default_storage.delete(f"{folder}/{name}")
 
 
 # --- reading runs ------------------------------------------------------------------------------
