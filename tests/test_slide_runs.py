@@ -171,6 +171,9 @@ def test_the_slide_page_starts_a_run_whose_page_lists_fields_and_opens_a_cell_on
     assert 'id="field-list"' in html and html.count('class="box kind-white') == run.cells.count()
     assert f'href="{reverse("analysis:cell-field", args=[run.pk, cell.pk])}"' in html  # the gallery's link
     assert "× 10⁹/L" in html and "An estimate from the smear" in html
+    report = lab_client.get(reverse("analysis:report", args=[run.pk])).content.decode()
+    slide_row = report.split('id="report-slide"')[1].split("</td>")[0]  # the printed report carries the slide too
+    assert "2 fields (2 usable)" in slide_row and "per field" in slide_row and "not a count" in slide_row
     opened = lab_client.get(reverse("analysis:cell-field", args=[run.pk, cell.pk]))
     assert opened["Location"] == reverse("analysis:field", args=[run.pk, cell.field.index]) + f"?cell={cell.pk}"
     field_page = lab_client.get(opened["Location"]).content.decode()
