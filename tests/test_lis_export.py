@@ -107,6 +107,22 @@ def test_api_creates_runs_with_their_specimen_and_filters_by_accession(lab_user,
     assert ClassificationRun.objects.count() == 2
 
 
+def test_the_api_changes_the_specimen_until_sign_off_then_only_adds_a_missing_accession(run, lab_user, outsider):
+    api = token_client(lab_user)
+    url = f"/api/classification-runs/{run.pk}/specimen/"
+    changed = api.patch(url, {"specimen_type": "bone-marrow", "wbc_count": 5.5}, format="json")
+    assert changed.status_code == 200 and changed.json()["specimen_type"] == "bone-marrow"
+    run.refresh_from_db()
+    assert (run.specimen_type, run.wbc_count, run.accession) == ("bone-marrow", 5.5, "ACC-100")  # the rest kept
+    assert api.patch(url, {"collected_at": "someday"}, format="json").status_code == 400
+    assert token_client(outsider).patch(url, {"accession": "X"}, format="json").status_code in (403, 404)
+    sign_off_small_run(run, lab_user)
+    locked = api.patch(url, {"accession": "ACC-999"}, format="json")
+    assert locked.status_code == 409 and "locked" in locked.json()["detail"]
+    run.refresh_from_db()
+    assert run.accession == "ACC-100"
+
+
 def test_search_runs_by_accession(run, lab_user):
     runs = services.runs_for(lab_user)
     assert list(search_runs(runs, accession="acc-1")) == [run]

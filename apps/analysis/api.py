@@ -18,7 +18,7 @@ from apps.lis.serializers import OutboxMessageSerializer
 from . import services
 from . import slides as slide_runs
 from .models import ClassificationRun, ClassifiedCell
-from .specimen import IDENTITY_FIELDS, search_runs
+from .specimen import IDENTITY_FIELDS, IdentityError, search_runs, update_identity
 
 
 class ClassifiedCellSerializer(serializers.ModelSerializer):
@@ -194,6 +194,22 @@ class ClassificationRunViewSet(LisExportMixin, mixins.ListModelMixin, mixins.Ret
         except services.AnalysisError as error:
             return Response({"detail": str(error)}, status=status.HTTP_400_BAD_REQUEST)
         return Response(slide_runs.with_slide(run, RunSerializer(run).data), status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=SpecimenSerializer, responses={200: RunSerializer, 400: ERROR, 409: ERROR})
+    @action(detail=True, methods=["patch"], url_path="specimen")
+    def specimen(self, request, pk=None):
+        """Change the run's specimen identity (the fields given) until sign-off; after it, only a missing accession
+        number can be added (409 otherwise)."""
+        run = self.get_object()
+        form = SpecimenSerializer(data=request.data, partial=True)
+        form.is_valid(raise_exception=True)
+        try:
+            run = update_identity(run_id=run.pk, values=dict(form.validated_data))
+        except IdentityError as error:
+            locked = run.signed_off_at is not None
+            return Response({"detail": str(error)}, status=status.HTTP_409_CONFLICT if locked else
+                            status.HTTP_400_BAD_REQUEST)
+        return Response(RunSerializer(run).data)
 
     @extend_schema(request=SignOffSerializer, responses={200: RunSerializer, 409: ERROR})
     @action(detail=True, methods=["post"], url_path="sign-off")
