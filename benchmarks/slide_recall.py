@@ -121,7 +121,10 @@ def score(name: str, folder: Path, truth: dict, models: Path) -> dict:
             "scale": (run.scale or {}).get("run"), "slide": slides.slide_summary(run)}
 
 
-def contact_sheet(unmatched: list, out: Path, side: int = 128, columns: int = 10, most: int = 200) -> None:
+SHOWN = 200  # unmatched cells on the contact sheet and in the JSON (all of them are counted)
+
+
+def contact_sheet(unmatched: list, out: Path, side: int = 128, columns: int = 10, most: int = SHOWN) -> None:
     """The first `most` unmatched cells, numbered as in the JSON."""
     from PIL import Image, ImageDraw
 
@@ -171,7 +174,9 @@ def main() -> None:
         result = json.loads([line for line in process.stdout.splitlines() if line.startswith("{")][-1])
         print(json.dumps({k: v for k, v in result.items() if k not in ("unmatched", "slide")}), flush=True)
         contact_sheet(result["unmatched"], RESULTS / f"slide_recall{suffix}-{name}-unmatched.jpg")
-        result["unmatched"] = [[Path(path).relative_to(folder).as_posix(), box] for path, box in result["unmatched"]]
+        result["unmatched_n"] = len(result["unmatched"])
+        result["unmatched"] = [[Path(path).relative_to(folder).as_posix(), box]
+                               for path, box in result["unmatched"][:SHOWN]]  # the contact sheet's, numbered alike
         results.append(result)
     report = {
         "benchmark": "slide_recall", "date": datetime.now(UTC).isoformat(timespec="seconds"),

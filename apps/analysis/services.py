@@ -577,9 +577,6 @@ def _remove_unrecorded_images(run_id: int) -> None:
 # --- reading runs ------------------------------------------------------------------------------
 
 
-search_runs = specimen.search_runs  # runs by accession number: the worklist's search and the API's ?accession=
-
-
 def runs_for(user):
     """Lab staff see their own runs; curators and supervisors (the second sign-off) see every run."""
     runs = ClassificationRun.objects.select_related("owner", "signed_off_by", "shift_acknowledged_by", "site",
@@ -606,11 +603,11 @@ def run_differential(run: ClassificationRun) -> Differential:
     cells = run.cells.all()
     unfamiliar = awaiting_review(cells)
     rest = cells.exclude(pk__in=unfamiliar.values("pk"))
-    unresolved = unresolved_awaiting_review(rest).values_list("final_type__code", flat=True)
-    codes = rest.exclude(resolved=False, review_state=ClassifiedCell.Review.PENDING).values_list(
-        "final_type__code", flat=True)
+    unresolved = unresolved_awaiting_review(rest)
+    codes = rest.exclude(pk__in=unresolved.values("pk")).values_list("final_type__code", flat=True)
     return differential(CellType.objects.as_tree(), list(codes), run.count_target, unfamiliar=unfamiliar.count(),
-                        unresolved=list(unresolved), convention=run.specimen_type)
+                        unresolved=list(unresolved.values_list("final_type__code", flat=True)),
+                        convention=run.specimen_type)
 
 
 @dataclass

@@ -27,7 +27,6 @@ import csv
 import hashlib
 import io
 import logging
-import re
 import zipfile
 import zlib
 from collections import Counter
@@ -97,7 +96,7 @@ def choose_detector(spec: Detector | str | int | None = None) -> Detector:
 
 
 def _is_offsets(path: str) -> bool:
-    return re.sub(r"^\d{5}_", "", PurePosixPath(path).name).lower() == OFFSETS_FILE
+    return services.STORED_PREFIX.sub("", PurePosixPath(path).name, count=1).lower() == OFFSETS_FILE
 
 
 def _new_run(*, owner, models, detector, count_target: int, name: str, identity: dict | None,
@@ -212,11 +211,6 @@ def kind_of(label: str, white_classes) -> str:
     if lowered in ("rbc", "red", "red cell", "erythrocyte") or "red" in lowered or "erythro" in lowered:
         return "red"
     return "other"
-
-
-def _display_name(path: str, from_folder: bool) -> str:
-    """The field's name as the user gave it (stored image uploads carry a position prefix)."""
-    return re.sub(r"^\d{5}_", "", path) if from_folder else path
 
 
 def _read_offsets(image_source, entries, problems: list) -> dict[str, tuple[float, float]]:
@@ -409,7 +403,6 @@ def analyse_slide(run_id: int, *, source: Path | None = None, timings: dict | No
         types = {node.code: node for node in CellType.objects.all()}
         limits = upload_limits()
         location = source if source is not None else default_storage.path(run.upload)
-        from_folder = source is None and not str(run.upload).endswith(".zip")
         with ImageSource(location, limits) as image_source:
             started = time.perf_counter()
             entries = list(image_source.files())
@@ -428,7 +421,7 @@ def analyse_slide(run_id: int, *, source: Path | None = None, timings: dict | No
             chunk = field_chunk()
             for start in range(0, len(fields), chunk):
                 started = time.perf_counter()
-                group = [_analyse_field(image_source, entry, index, _display_name(entry.path, from_folder), slide,
+                group = [_analyse_field(image_source, entry, index, services.uploaded_name(run, entry.path), slide,
                                         model, limits)
                          for index, entry in enumerate(fields[start:start + chunk], start)]
                 clock["detection"] += time.perf_counter() - started

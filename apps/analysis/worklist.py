@@ -10,6 +10,7 @@ from apps.sites.models import Site
 
 from . import services
 from .models import ClassificationRun
+from .specimen import search_runs
 
 WORKLIST_PAGE_SIZE = 50
 Status = ClassificationRun.Status
@@ -58,7 +59,7 @@ def _filtered(runs: QuerySet, data: dict) -> QuerySet:
     if data.get("who"):
         runs = runs.filter(owner__username__icontains=data["who"].strip())
     if data.get("accession"):
-        runs = services.search_runs(runs, accession=data["accession"])
+        runs = search_runs(runs, accession=data["accession"])
     return runs
 
 
