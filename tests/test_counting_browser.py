@@ -46,6 +46,23 @@ def test_make_active_shows_the_sets_figures_and_activates_only_when_confirmed(pa
     assert page.is_visible("text=Its figures come from only 13 test cells.")
     assert not ModelSet.objects.get(pk=second.pk).is_active  # shown, not yet done
     screenshot(page, "activate-confirmation")
-    page.click("button:has-text('Yes, make second active')")
-    page.wait_for_load_state()
+    with page.expect_navigation():
+        page.click("button:has-text('Yes, make second active')")
     assert ModelSet.objects.get(pk=second.pk).is_active and not ModelSet.objects.get(pk=tiny_model_set.pk).is_active
+
+
+def test_the_worklist_filters_by_accession_with_the_keyboard_and_its_ids_are_its_own(page, live_server, tree,
+                                                                                    lab_user):
+    make_run(lab_user, [{"predicted": "NGS"}], accession="H-26-0001")
+    make_run(lab_user, [{"predicted": "LYT"}], accession="H-26-0002")
+    login(page, live_server, "tech")
+    page.goto(f"{live_server.url}/analysis/")
+    ids = page.eval_on_selector_all("[id]", "nodes => nodes.map(n => n.id)")
+    assert len(ids) == len(set(ids))  # the upload form and the filters each have their own accession field
+    page.focus("#filter_accession")
+    page.keyboard.type("0002")
+    page.keyboard.press("Enter")
+    page.wait_for_url("**accession=0002**")
+    rows = page.locator("#runs-table tbody tr")
+    assert rows.count() == 1 and "H-26-0002" in rows.first.inner_text()
+    assert page.input_value("#filter_accession") == "0002"  # the filter stays shown

@@ -89,7 +89,7 @@ class Worklist:
 
 def worklist(user, params, page: str | None = None) -> Worklist:
     """The runs `user` may see, awaiting review first (then classifying, failed, signed off), newest first within."""
-    form = WorklistFilter(params)
+    form = WorklistFilter(params, auto_id="filter_%s")  # not the upload form's id_accession on the same page
     form.is_valid()
     data = form.cleaned_data  # without the fields in error: those are shown on the form and ignored
     runs = with_state(_filtered(services.runs_for(user), data))
